@@ -1,0 +1,122 @@
+"""The rollout worker: owns one vLLM engine, samples G trajectories per question, scores them.
+
+This is vLLM's one home in innerloop. The worker is algorithm-blind: it returns trajectories with
+the sampler's log-probs, a reward and the policy version that produced them; the driver computes
+advantages. It is a plain class; `innerloop.distributed.placement` wraps it in a Ray actor.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+from pathlib import Path
+
+from innerloop.distributed.config import RewardConfig, RolloutConfig, SamplingConfig
+from innerloop.distributed.records import Question, Trajectory
+
+log = logging.getLogger(__name__)
+
+# Shared memory when the OS has it: the weight file never touches a disk.
+_SHM_DIR = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
+
+
+class RolloutWorker:
+    def __init__(self, model_path: str, dtype: str, rollout: RolloutConfig, reward: RewardConfig,
+                 system_prompt: str, prompt_template: str, seed: int):
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+        from vllm import LLM
+
+        from innerloop.actors.rewards import GuardedScorer, build_reward_fn
+
+        self._rollout = rollout
+        self._system_prompt = system_prompt
+        self._prompt_template = prompt_template
+        started = time.perf_counter()
+        self._llm = LLM(
+            model=model_path,
+            dtype=dtype,
+            seed=seed,  # engine-level seed; a per-request seed crashes vLLM's CPU sampler
+            gpu_memory_utilization=rollout.kv_cache_fraction,
+            max_num_seqs=rollout.max_num_seqs,
+            enable_prefix_caching=True,  # the G samples of a question share its prompt
+            worker_extension_cls="innerloop.actors.weight_loading.WeightLoadingExtension",
+        )
+        self._tokenizer = self._llm.get_tokenizer()
+        self._scorer = GuardedScorer(
+            build_reward_fn(reward.kind, reward.answer_pattern, reward.format_weight, reward.custom),
+            timeout_s=reward.timeout_s, failure_reward=reward.failure_reward)
+        self.policy_version = 0
+        self.start_seconds = time.perf_counter() - started
+
+    def ready(self) -> float:
+        """Seconds the engine took to start; returns only once the engine is up."""
+        return self.start_seconds
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def prompt_ids(self, question: Question) -> list[int]:
+        """The chat-templated prompt, tokenized once so trajectories carry exact prompt ids."""
+        messages = [{"role": "user", "content": self._prompt_template.format(question=question.prompt)}]
+        if self._system_prompt:
+            messages.insert(0, {"role": "system", "content": self._system_prompt})
+        text = self._tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return self._tokenizer.encode(text, add_special_tokens=False)
+
+    def generate(self, questions: list[Question], samples_per_question: int,
+                 sampling: SamplingConfig | None = None) -> list[Trajectory]:
+        """G trajectories per question, each scored right after generation."""
+        from vllm import SamplingParams, TokensPrompt
+
+        sampling = sampling or self._rollout
+        params = SamplingParams(
+            n=samples_per_question, temperature=sampling.temperature, top_p=sampling.top_p,
+            max_tokens=sampling.max_tokens, stop=list(sampling.stop) or None,
+            logprobs=0,  # 0: the sampled token's own log-prob, no alternatives
+        )
+        prompts = [self.prompt_ids(q) for q in questions]
+        outputs = self._llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params,
+                                     use_tqdm=False)
+        completions = [(q, p, c) for q, p, out in zip(questions, prompts, outputs) for c in out.outputs]
+        results = self._scorer.score([(c.text, q) for q, _, c in completions])
+        return [self._trajectory(q, p, c, r) for (q, p, c), r in zip(completions, results)]
+
+    def _trajectory(self, question, prompt_ids, completion, result) -> Trajectory:
+        token_ids = tuple(completion.token_ids)
+        logprobs = tuple(float(step[tok].logprob) for step, tok in zip(completion.logprobs, token_ids))
+        return Trajectory(
+            question_id=question.question_id, prompt_ids=tuple(prompt_ids), completion_ids=token_ids,
+            logprobs=logprobs, finish_reason=str(completion.finish_reason), text=completion.text,
+            reward=result.reward, correct=result.correct, formatted=result.formatted,
+            policy_version=self.policy_version, reward_error=result.error)
+
+    def sequence_logprobs(self, token_ids: list[int]) -> list[float]:
+        """The engine's log-prob of each token of a fixed sequence given its prefix (first is 0)."""
+        from vllm import SamplingParams, TokensPrompt
+
+        params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
+        out = self._llm.generate([TokensPrompt(prompt_token_ids=token_ids)], params, use_tqdm=False)[0]
+        return [0.0] + [float(step[tok].logprob) for step, tok in zip(out.prompt_logprobs[1:], token_ids[1:])]
+
+    def load_weights(self, weights: bytes, version: int) -> float:
+        """Install new weights (a safetensors blob) tagged `version`; returns seconds taken."""
+        started = time.perf_counter()
+        fd, path = tempfile.mkstemp(prefix=f"innerloop-v{version}-", suffix=".safetensors", dir=_SHM_DIR)
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(weights)
+            self._llm.collective_rpc("innerloop_load_weights", args=(path,))
+        finally:
+            Path(path).unlink(missing_ok=True)
+        # Cached prefixes hold keys and values computed by the old weights.
+        self._llm.reset_prefix_cache()
+        self.policy_version = version
+        return time.perf_counter() - started
+
+    def scorer_stats(self) -> dict[str, int]:
+        return dict(self._scorer.stats)
+
+    def close(self) -> None:
+        self._scorer.close()

@@ -1,0 +1,511 @@
+"""Task data: a seeded synthetic question generator, a local dataset loader, and the train/eval split.
+
+Synthetic questions have exact integer answers and a worked `solution` that ends in
+`\\boxed{answer}` (usable as an SFT trajectory). A question's id is derived from its text
+("addition-d2-3f9a1c0b2e"), so the same question always has the same id whatever the seed or count,
+and the per-question history never splits one question across several ids.
+
+Eval questions never appear in training: they are told apart by id and by prompt text.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import random
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Literal
+
+from innerloop.distributed.records import Question
+
+logger = logging.getLogger(__name__)
+
+SYNTHETIC_KINDS = ("addition", "arithmetic", "word", "mixed")
+
+# A draw makes one (prompt, solution, answer); a kind whose draws keep repeating is exhausted.
+_Draw = tuple[str, str, int]
+_EXHAUSTED_AFTER = 2000  # consecutive draws with no new prompt
+
+
+# ---------------------------------------------------------------- addition
+
+
+_PLACES = ("ones", "tens", "hundreds", "thousands", "ten-thousands", "hundred-thousands", "millions")
+
+
+def _operand(rng: random.Random, digits: int) -> int:
+    low = 0 if digits == 1 else 10 ** (digits - 1)
+    return rng.randint(low, 10**digits - 1)
+
+
+def _addition(rng: random.Random, difficulty: int) -> _Draw:
+    a, b = _operand(rng, difficulty), _operand(rng, difficulty)
+    prompt = f"What is {a} + {b}?"
+    return prompt, _column_addition(a, b), a + b
+
+
+def _column_addition(a: int, b: int) -> str:
+    """Column addition with carries, right to left: the written method, one place per line."""
+    lines, carry, place, x, y = [], 0, 0, a, b
+    while x or y or place == 0:
+        total = x % 10 + y % 10 + carry
+        carried = f" + {carry} carried" if carry else ""
+        carry_out = f", carry {total // 10}" if total >= 10 else ""
+        lines.append(f"{_place(place)}: {x % 10} + {y % 10}{carried} = {total}, write {total % 10}{carry_out}.")
+        x, y, carry, place = x // 10, y // 10, total // 10, place + 1
+    if carry:
+        lines.append(f"{_place(place)}: write the carried {carry}.")
+    return "Add column by column from the right.\n" + "\n".join(lines) + f"\nSo {a} + {b} = {a + b}."
+
+
+def _place(k: int) -> str:
+    return _PLACES[k] if k < len(_PLACES) else f"10^{k} place"
+
+
+# ---------------------------------------------------------------- arithmetic
+
+
+def _arithmetic(rng: random.Random, difficulty: int) -> _Draw:
+    numbers = [rng.randint(1, 20) for _ in range(difficulty + 1)]
+    ops = [rng.choice("+-*") for _ in range(difficulty)]
+    prompt = f"Compute {_render(numbers, ops)}."
+    steps, value = _reduce_stepwise(numbers, ops)
+    return prompt, "Multiplication comes before addition and subtraction.\n" + "\n".join(steps), value
+
+
+def _render(numbers: list[int], ops: list[str]) -> str:
+    parts = [str(numbers[0])]
+    for op, n in zip(ops, numbers[1:]):
+        parts += [op, str(n)]
+    return " ".join(parts)
+
+
+def _reduce_stepwise(numbers: list[int], ops: list[str]) -> tuple[list[str], int]:
+    """Evaluate with precedence, one operation per step, showing what is left after each."""
+    numbers, ops, steps = list(numbers), list(ops), []
+    while ops:
+        # The leftmost multiplication first; with none left, the leftmost + or -.
+        k = ops.index("*") if "*" in ops else 0
+        a, op, b = numbers[k], ops[k], numbers[k + 1]
+        result = a * b if op == "*" else a + b if op == "+" else a - b
+        numbers[k : k + 2], ops[k : k + 1] = [result], []
+        rest = f", leaving {_render(numbers, ops)}" if ops else ""
+        steps.append(f"{a} {op} {b} = {result}{rest}.")
+    return steps, numbers[0]
+
+
+# ---------------------------------------------------------------- word problems
+
+_NAMES = ("Ana", "Ben", "Chloe", "Dev", "Elena", "Farid", "Grace", "Hiro", "Ines", "Jonas",
+          "Kemi", "Liam", "Mei", "Noor", "Omar", "Priya", "Quinn", "Rosa", "Sami", "Tara")
+_MAX_WORD_STEPS = len(_NAMES) - 1  # an ages story names a new person per step
+_GOODS = ("notebooks", "pens", "apples", "stickers", "candles", "mugs")
+_CHORES = ("for walking a dog", "for washing a car", "for tutoring", "for mowing a lawn")
+
+
+@dataclass
+class _Story:
+    """Who a word problem is about; ages stories add a person per step."""
+
+    people: list[str]
+    named: int = 1  # people[:named] have appeared
+
+    @property
+    def name(self) -> str:
+        return self.people[0]
+
+    @property
+    def last(self) -> str:
+        return self.people[self.named - 1]
+
+    def introduce(self) -> tuple[str, str]:
+        """(the new person, the one before them)."""
+        self.named += 1
+        return self.people[self.named - 1], self.people[self.named - 2]
+
+
+# A step turns the running value into a new one: (sentence, worked line, new value), or None
+# when it does not fit the value (spending more than is left). Every theme has, for any value,
+# some step that fits (earn; older or younger; ride), so picking steps at random ends.
+_Step = Callable[[random.Random, int, _Story], "tuple[str, str, int] | None"]
+
+
+def _shop_buy(rng: random.Random, v: int, story: _Story) -> tuple[str, str, int] | None:
+    n, price = rng.randint(2, 6), rng.randint(2, 9)
+    if n * price > v:
+        return None
+    goods, cost = rng.choice(_GOODS), n * price
+    return (f"{story.name} buys {n} {goods} for ${price} each.",
+            f"{n} {goods} cost {n} * {price} = {cost} dollars, so {v} - {cost} = {v - cost}.", v - cost)
+
+
+def _shop_earn(rng: random.Random, v: int, story: _Story) -> tuple[str, str, int] | None:
+    m = rng.randint(5, 40)
+    return f"{story.name} earns ${m} {rng.choice(_CHORES)}.", f"{v} + {m} = {v + m}.", v + m
+
+
+def _shop_gift(rng: random.Random, v: int, story: _Story) -> tuple[str, str, int] | None:
+    m = rng.randint(3, 30)
+    if m > v:
+        return None
+    return f"{story.name} spends ${m} on a gift.", f"{v} - {m} = {v - m}.", v - m
+
+
+def _age_older(rng: random.Random, v: int, story: _Story) -> tuple[str, str, int] | None:
+    k = rng.randint(2, 15)
+    if v + k > 95:
+        return None  # younger always fits such an old person
+    who, than = story.introduce()
+    return f"{who} is {k} years older than {than}.", f"{who} is {v} + {k} = {v + k}.", v + k
+
+
+def _age_younger(rng: random.Random, v: int, story: _Story) -> tuple[str, str, int] | None:
+    k = rng.randint(1, 12)
+    if k >= v:
+        return None
+    who, than = story.introduce()
+    return f"{who} is {k} years younger than {than}.", f"{who} is {v} - {k} = {v - k}.", v - k
+
+
+def _age_times(rng: random.Random, v: int, story: _Story) -> tuple[str, str, int] | None:
+    m = rng.choice((2, 3))
+    if v * m > 90:
+        return None
+    who, than = story.introduce()
+    word = "twice" if m == 2 else "three times"
+    return f"{who} is {word} as old as {than}.", f"{who} is {v} * {m} = {v * m}.", v * m
+
+
+def _age_half(rng: random.Random, v: int, story: _Story) -> tuple[str, str, int] | None:
+    if v % 2 or v < 4:
+        return None
+    who, than = story.introduce()
+    return f"{who} is half as old as {than}.", f"{who} is {v} / 2 = {v // 2}.", v // 2
+
+
+def _trip_ride(rng: random.Random, v: int, story: _Story) -> tuple[str, str, int] | None:
+    speed, hours = rng.randint(8, 25), rng.randint(1, 4)
+    km = speed * hours
+    return (f"Then {story.name} rides at {speed} km per hour for {hours} hours.",
+            f"{speed} * {hours} = {km} km more, so {v} + {km} = {v + km}.", v + km)
+
+
+def _trip_walk(rng: random.Random, v: int, story: _Story) -> tuple[str, str, int] | None:
+    d = rng.randint(1, 9)
+    return f"Then {story.name} walks {d} km further.", f"{v} + {d} = {v + d}.", v + d
+
+
+def _trip_back(rng: random.Random, v: int, story: _Story) -> tuple[str, str, int] | None:
+    d = rng.randint(2, 20)
+    if d >= v:
+        return None
+    return f"Then {story.name} turns back toward the start for {d} km.", f"{v} - {d} = {v - d}.", v - d
+
+
+def _open_shop(rng: random.Random, story: _Story) -> tuple[str, str, int]:
+    v = rng.randint(20, 120)
+    return f"{story.name} has ${v}.", f"{story.name} starts with {v} dollars.", v
+
+
+def _open_ages(rng: random.Random, story: _Story) -> tuple[str, str, int]:
+    v = rng.randint(4, 40)
+    return f"{story.name} is {v} years old.", f"{story.name} is {v}.", v
+
+
+def _open_trip(rng: random.Random, story: _Story) -> tuple[str, str, int]:
+    speed, hours = rng.randint(8, 25), rng.randint(1, 4)
+    return (f"{story.name} rides a bike along a straight road at {speed} km per hour for {hours} hours.",
+            f"First {speed} * {hours} = {speed * hours} km.", speed * hours)
+
+
+@dataclass(frozen=True)
+class _Theme:
+    opening: Callable[[random.Random, _Story], tuple[str, str, int]]
+    steps: tuple[_Step, ...]
+    question: Callable[[_Story], str]
+
+
+_THEMES = {
+    "shopping": _Theme(_open_shop, (_shop_earn, _shop_buy, _shop_gift),
+                       lambda s: f"How many dollars does {s.name} have now?"),
+    "ages": _Theme(_open_ages, (_age_older, _age_younger, _age_times, _age_half), lambda s: f"How old is {s.last}?"),
+    "travel": _Theme(_open_trip, (_trip_ride, _trip_walk, _trip_back),
+                     lambda s: f"How many km from the start is {s.name} now?"),
+}
+
+
+def _word(rng: random.Random, difficulty: int) -> _Draw:
+    theme = _THEMES[rng.choice(sorted(_THEMES))]
+    story = _Story(rng.sample(_NAMES, difficulty + 1))
+    sentence, line, value = theme.opening(rng, story)
+    text, work = [sentence], [line]
+    for _ in range(difficulty):
+        sentence, line, value = _pick_step(rng, theme.steps, value, story)
+        text.append(sentence)
+        work.append(line)
+    prompt = " ".join(text) + " " + theme.question(story)
+    return prompt, "\n".join(f"Step {i}: {w}" for i, w in enumerate(work, 1)), value
+
+
+def _pick_step(rng: random.Random, steps: tuple[_Step, ...], value: int, story: _Story) -> tuple[str, str, int]:
+    while True:  # a step that does not fit is redrawn; one always fits (see _Step)
+        made = rng.choice(steps)(rng, value, story)
+        if made is not None:
+            return made
+
+
+# ---------------------------------------------------------------- the generator
+
+_GENERATORS: dict[str, Callable[[random.Random, int], _Draw]] = {
+    "addition": _addition,
+    "arithmetic": _arithmetic,
+    "word": _word,
+}
+
+
+def _draw_question(kind: str, difficulty: int, seed: int, stream: str, i: int) -> Question:
+    # One RNG per draw, seeded by a string (hashed with SHA-512, independent of PYTHONHASHSEED):
+    # draw i is the same whatever the count, so a longer run extends a shorter one.
+    rng = random.Random(f"{kind}|{difficulty}|{seed}|{stream}|{i}")
+    sub_kind = rng.choice(sorted(_GENERATORS)) if kind == "mixed" else kind
+    prompt, work, answer = _GENERATORS[sub_kind](rng, difficulty)
+    solution = f"{work}\nThe answer is \\boxed{{{answer}}}"
+    digest = hashlib.sha1(prompt.encode()).hexdigest()[:10]
+    return Question(f"{sub_kind}-d{difficulty}-{digest}", prompt, str(answer), solution)
+
+
+def _draw_distinct(kind: str, count: int, seed: int, difficulty: int, stream: str = "",
+                   exclude: frozenset[str] = frozenset()) -> list[Question]:
+    """Up to `count` questions with distinct prompts not in `exclude`; fewer if the kind runs out."""
+    _check_kind(kind, difficulty, count)
+    seen, out, misses, i = set(exclude), [], 0, 0
+    while len(out) < count and misses < _EXHAUSTED_AFTER:
+        q = _draw_question(kind, difficulty, seed, stream, i)
+        i += 1
+        if q.prompt in seen:
+            misses += 1
+            continue
+        seen.add(q.prompt)
+        out.append(q)
+        misses = 0
+    return out
+
+
+def _check_kind(kind: str, difficulty: int, count: int) -> None:
+    if kind not in SYNTHETIC_KINDS:
+        raise ValueError(f"unknown synthetic task kind {kind!r}; choose one of: {', '.join(SYNTHETIC_KINDS)}")
+    if difficulty < 1:
+        raise ValueError(f"task difficulty must be >= 1, got {difficulty}")
+    if kind in ("word", "mixed") and difficulty > _MAX_WORD_STEPS:
+        raise ValueError(f"word problems have at most {_MAX_WORD_STEPS} steps; got difficulty {difficulty}")
+    if count < 0:
+        raise ValueError(f"question count must be >= 0, got {count}")
+
+
+def generate_questions(kind: str, count: int, seed: int, difficulty: int) -> list[Question]:
+    """`count` distinct synthetic questions; the same arguments always give the same questions."""
+    questions = _draw_distinct(kind, count, seed, difficulty)
+    if len(questions) < count:
+        raise ValueError(f"{kind!r} at difficulty {difficulty} has only about {len(questions)} distinct "
+                         f"questions, fewer than the {count} asked for; raise the difficulty or lower the count")
+    return questions
+
+
+def generate_train_eval(kind: str, train_count: int, eval_count: int, seed: int,
+                        difficulty: int) -> tuple[list[Question], list[Question]]:
+    """Disjoint train and eval sets. Eval is its own seeded stream, so it stays the same when
+    train_count changes; train skips every eval prompt.
+
+    A small kind (1-digit addition has 100 questions) may give fewer train questions than asked:
+    that is logged, since repeating questions is fine for training. Eval is never short.
+    """
+    eval_set = _draw_distinct(kind, eval_count, seed, difficulty, stream="eval")
+    if len(eval_set) < eval_count:
+        raise ValueError(f"{kind!r} at difficulty {difficulty} has only about {len(eval_set)} distinct "
+                         f"questions, fewer than eval_count={eval_count}; lower eval_count or raise the difficulty")
+    train = _draw_distinct(kind, train_count, seed, difficulty, exclude=frozenset(q.prompt for q in eval_set))
+    if not train:
+        raise ValueError(f"{kind!r} at difficulty {difficulty}: the {eval_count} eval questions use up every "
+                         "question, leaving none to train on; lower eval_count or raise the difficulty")
+    if len(train) < train_count:
+        logger.warning("%r at difficulty %d has only %d distinct questions outside eval (asked for %d); "
+                       "training repeats them", kind, difficulty, len(train), train_count)
+    return train, eval_set
+
+
+def _prompt_key(prompt: str) -> str:
+    return " ".join(prompt.split())  # whitespace differences do not make a new question
+
+
+def split_train_eval(questions: list[Question], eval_count: int, seed: int) -> tuple[list[Question], list[Question]]:
+    """Dedupe by id and prompt text, then hold out `eval_count` at random (seeded); order is kept."""
+    unique, ids, prompts = [], set(), set()
+    for q in questions:
+        key = _prompt_key(q.prompt)
+        if q.question_id in ids or key in prompts:
+            continue
+        ids.add(q.question_id)
+        prompts.add(key)
+        unique.append(q)
+    if len(unique) < len(questions):
+        logger.warning("dropped %d duplicate questions (same id or same prompt)", len(questions) - len(unique))
+    if not 0 <= eval_count < len(unique):
+        raise ValueError(f"eval_count={eval_count} must be between 0 and {len(unique) - 1}: there are "
+                         f"{len(unique)} distinct questions and training needs at least one")
+    held_out = set(random.Random(seed).sample(range(len(unique)), eval_count))
+    train = [q for k, q in enumerate(unique) if k not in held_out]
+    eval_set = [q for k, q in enumerate(unique) if k in held_out]
+    return train, eval_set
+
+
+# ---------------------------------------------------------------- local datasets
+
+
+@dataclass(frozen=True)
+class LoadedQuestions:
+    """The questions read from a dataset, and what was skipped on the way."""
+
+    questions: list[Question]
+    skipped: int = 0
+    skip_reasons: dict[str, int] = field(default_factory=dict)  # reason -> rows
+
+
+class BadRowError(ValueError):
+    """A dataset row that cannot become a question (raised with on_bad_row='fail')."""
+
+
+def load_dataset_questions(
+    path: str | Path,
+    question_field: str = "question",
+    answer_field: str = "answer",
+    id_field: str | None = None,
+    solution_field: str | None = None,
+    on_bad_row: Literal["skip", "fail"] = "skip",
+    split: str | None = None,
+) -> LoadedQuestions:
+    """Questions from a JSONL file, a Parquet file (or a folder of them), or a `save_to_disk` folder.
+
+    A row without a question or an answer (or without its id, when `id_field` is set) is skipped and
+    counted, or with on_bad_row="fail" stops the load naming the row. A missing solution is just "".
+    Without `id_field`, ids are "<file stem>[-<split>]-<row>" (stable as long as the file is).
+    """
+    if on_bad_row not in ("skip", "fail"):
+        raise ValueError(f"on_bad_row must be 'skip' or 'fail', got {on_bad_row!r}")
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"dataset path {str(path)!r} does not exist")
+    columns, rows = _open_rows(path, split)
+    wanted = {"question_field": question_field, "answer_field": answer_field,
+              "id_field": id_field, "solution_field": solution_field}
+    for setting, name in wanted.items():
+        if name is not None and name not in columns:
+            raise ValueError(f"{setting}={name!r} is not a column of {path}; its columns are: "
+                             f"{', '.join(columns) or '(none found)'}")
+    source = f"{path.stem}-{split}" if split else path.stem  # the id prefix when rows have no id
+    questions, reasons = [], Counter()
+    for index, where, row in rows:
+        try:
+            questions.append(_row_to_question(row, index, source, question_field, answer_field,
+                                              id_field, solution_field))
+        except BadRowError as exc:
+            if on_bad_row == "fail":
+                raise BadRowError(f"{path}, {where}: {exc} (set on_bad_row='skip' to skip such rows)") from None
+            reasons[str(exc)] += 1
+    skipped = sum(reasons.values())
+    if skipped:
+        summary = "; ".join(f"{n} x {reason}" for reason, n in reasons.most_common())
+        logger.warning("%s: skipped %d bad rows of %d (%s)", path, skipped, skipped + len(questions), summary)
+    return LoadedQuestions(questions, skipped, dict(reasons))
+
+
+def _row_to_question(row: Any, index: int, source: str, question_field: str, answer_field: str,
+                     id_field: str | None, solution_field: str | None) -> Question:
+    if isinstance(row, BadRowError):
+        raise row
+    if not isinstance(row, dict):
+        raise BadRowError(f"row is {type(row).__name__}, expected a JSON object")
+    prompt = _text(row, question_field)
+    answer = _text(row, answer_field)
+    question_id = _text(row, id_field) if id_field else f"{source}-{index}"
+    solution = row.get(solution_field) if solution_field else None
+    return Question(question_id, prompt, answer, "" if solution is None else str(solution))
+
+
+def _text(row: dict[str, Any], name: str) -> str:
+    # Numbers are fine as answers (JSON 42 -> "42"); lists and objects are not one answer.
+    value = row.get(name)
+    if value is None:
+        raise BadRowError(f"field {name!r} is missing")
+    if isinstance(value, (dict, list)):
+        raise BadRowError(f"field {name!r} is a {type(value).__name__}, expected text or a number")
+    text = str(value).strip()
+    if not text:
+        raise BadRowError(f"field {name!r} is empty")
+    return text
+
+
+_Rows = Iterator[tuple[int, str, Any]]  # (row index, where to find it for a person, row)
+
+
+def _open_rows(path: Path, split: str | None) -> tuple[list[str], _Rows]:
+    """The column names and the rows of any supported source."""
+    if split is not None and path.is_file():
+        raise ValueError(f"split={split!r} given, but {path} is a single file with no splits; drop split")
+    if path.is_file() and path.suffix == ".jsonl":
+        return _jsonl_rows(path)
+    return _datasets_rows(_load_with_datasets(path, split))
+
+
+def _jsonl_rows(path: Path) -> tuple[list[str], _Rows]:
+    # Read by hand rather than through `datasets`: errors can then name the line, and a row
+    # with a missing key is a bad row rather than a schema error for the whole file.
+    records: list[tuple[int, str, Any]] = []
+    columns: dict[str, None] = {}
+    with path.open(encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                row = BadRowError(f"the line is not valid JSON ({exc.msg})")
+            if isinstance(row, dict):
+                columns.update(dict.fromkeys(row))
+            records.append((len(records), f"line {line_no}", row))
+    return list(columns), iter(records)
+
+
+def _load_with_datasets(path: Path, split: str | None) -> Any:
+    import datasets  # imported here: it costs ~1 s and only dataset runs need it
+
+    if path.is_file():
+        if path.suffix != ".parquet":
+            raise ValueError(f"{path}: unsupported file type {path.suffix!r}; use a JSON Lines file named "
+                             "*.jsonl, a .parquet file, or a folder written by datasets' save_to_disk")
+        return datasets.Dataset.from_parquet(str(path))
+    if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists():
+        return _pick_split(datasets.load_from_disk(str(path)), split, path)
+    shards = sorted(str(p) for p in path.glob("*.parquet"))
+    if shards and split is None:  # e.g. a downloaded dataset's data/ folder: one table in shards
+        return datasets.Dataset.from_parquet(shards)
+    raise ValueError(f"{path} is a folder but neither a datasets save_to_disk folder nor a folder of .parquet files")
+
+
+def _pick_split(loaded: Any, split: str | None, path: Path) -> Any:
+    if not hasattr(loaded, "keys"):  # a single Dataset
+        if split is not None:
+            raise ValueError(f"split={split!r} given, but {path} holds a single dataset; drop split")
+        return loaded
+    names = list(loaded.keys())
+    if split is None and len(names) == 1:
+        return loaded[names[0]]
+    if split not in names:
+        raise ValueError(f"{path} holds the splits {', '.join(names)}; choose one with split=NAME")
+    return loaded[split]
+
+
+def _datasets_rows(ds: Any) -> tuple[list[str], _Rows]:
+    return list(ds.column_names), ((i, f"row {i}", row) for i, row in enumerate(ds))

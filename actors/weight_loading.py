@@ -1,0 +1,22 @@
+"""Runs inside each vLLM worker process: loads a versioned weight file into the live model.
+
+vLLM imports this class by its dotted path (`worker_extension_cls`) and mixes it into its worker,
+so `collective_rpc("innerloop_load_weights", ...)` reaches every worker of a (multiprocess) engine.
+Only a path crosses the process boundary: the tensors travel through a shared-memory file, because
+tensors sent as RPC arguments arrive as lists in vLLM's multiprocess engine.
+"""
+
+from __future__ import annotations
+
+
+class WeightLoadingExtension:
+    # The name must not clash with vLLM's own worker methods (its CPU worker has `update_weights`).
+    def innerloop_load_weights(self, path: str) -> int:
+        from safetensors.torch import load_file
+
+        weights = load_file(path, device="cpu")
+        # vLLM's in-place reload maps Hugging Face names onto its fused layers (qkv, gate_up) and
+        # redoes the CPU backend's weight repacking; a plain `model.load_weights` would write into
+        # the parameters that repacking already emptied.
+        self.model_runner.reload_weights(weights_iterator=iter(weights.items()))
+        return len(weights)

@@ -1,0 +1,242 @@
+"""The typed experiment config: defaults are the CPU demo, every field validated before any actor starts.
+
+A config file (YAML) overrides the embedded defaults; `--set section.key=value` overrides the file.
+An unknown key or a value of the wrong type fails with the dotted key named and the fix suggested.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; the message names the key and the fix."""
+
+
+class _Section(BaseModel):
+    # Unknown keys are errors (a typo must never silently fall back to a default);
+    # assignment is validated too, so overrides cannot smuggle in a wrong type.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+
+class ModelConfig(_Section):
+    # "smollm2-135m-instruct" is converted once from the registry package and cached;
+    # any Hugging Face model folder works, and a hub id where the machine reaches a hub.
+    name: str = "smollm2-135m-instruct"
+    dtype: Literal["bfloat16", "float32"] = "bfloat16"
+
+
+class TaskConfig(_Section):
+    source: Literal["synthetic", "dataset"] = "synthetic"
+    kind: Literal["addition", "arithmetic", "word", "mixed"] = "addition"  # synthetic only
+    difficulty: int = Field(2, ge=1, le=6)  # digits per operand / operations / steps
+    train_count: int = Field(4000, ge=1)  # training questions in the pool
+    eval_count: int = Field(200, ge=1)  # held-out questions, never trained on
+    seed: int = 0
+    # A local dataset: JSONL, Parquet, or a `datasets.save_to_disk` folder.
+    path: str | None = None
+    question_field: str = "question"
+    answer_field: str = "answer"
+    id_field: str | None = None
+    on_bad_row: Literal["skip", "fail"] = "skip"  # rows missing a field: skip and count, or stop
+    system_prompt: str = (
+        "You are a careful math tutor. Solve the problem, then give the final answer "
+        "as \\boxed{N}. Example: What is 3 + 4? 3 + 4 = 7. The answer is \\boxed{7}."
+    )
+    prompt_template: str = "{question}"  # {question} is replaced by the question text
+
+    @model_validator(mode="after")
+    def _dataset_needs_path(self) -> "TaskConfig":
+        if self.source == "dataset" and not self.path:
+            raise ValueError("tasks.source is 'dataset' but tasks.path is not set; set tasks.path=FILE")
+        if "{question}" not in self.prompt_template:
+            raise ValueError("tasks.prompt_template must contain '{question}'")
+        return self
+
+
+class SamplingConfig(_Section):
+    temperature: float = Field(1.0, ge=0.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    max_tokens: int = Field(160, ge=1)  # generated tokens per trajectory
+    stop: list[str] = Field(default_factory=list)
+
+
+class RolloutConfig(SamplingConfig):
+    workers: int = Field(1, ge=1)  # Ray actors, each owning one vLLM engine
+    group_size: int = Field(8, ge=1)  # G: trajectories per question
+    questions_per_step: int = Field(16, ge=1)
+    # On the CPU this is the fraction of *host* memory vLLM reserves for its KV cache.
+    kv_cache_fraction: float = Field(0.1, gt=0.0, le=0.95)
+    max_num_seqs: int = Field(256, ge=1)  # sequences one engine decodes at once
+    gpus_per_worker: float = Field(0.0, ge=0.0)  # 0 on CPU machines
+
+
+class RewardConfig(_Section):
+    # correctness | format | four_way (1 / 0 / -0.5 / -1) | correct_plus_format | custom
+    kind: str = "four_way"
+    answer_pattern: str | None = None  # regex with one group; None means the last \boxed{}
+    format_weight: float = 0.1  # correct_plus_format only
+    custom: str | None = None  # "package.module:function" when kind is custom
+    timeout_s: float = Field(5.0, gt=0.0)  # per completion; a hung reward gets failure_reward
+    failure_reward: float = -1.0
+
+    @model_validator(mode="after")
+    def _custom_needs_path(self) -> "RewardConfig":
+        if self.kind == "custom" and not self.custom:
+            raise ValueError("reward.kind is 'custom' but reward.custom is not set; "
+                             "set reward.custom=package.module:function")
+        return self
+
+
+class AlgorithmConfig(_Section):
+    advantage_scale: Literal["std", "none"] = "std"  # std: GRPO; none: Dr.GRPO
+    clip_low: float = Field(0.2, ge=0.0, lt=1.0)
+    clip_high: float = Field(0.28, ge=0.0)  # clip-higher: a wider upper bound keeps exploring
+    kl_coef: float = Field(0.0, ge=0.0)  # > 0 loads a frozen reference model
+    kl_estimator: Literal["k1", "k2", "k3"] = "k3"
+    aggregation: Literal["token", "sequence"] = "token"
+    entropy_coef: float = 0.0
+
+
+class LearnerConfig(_Section):
+    ranks: int = Field(1, ge=1)  # data-parallel DeepSpeed ranks, each a Ray actor
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    lr: float = Field(2e-5, gt=0.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    betas: tuple[float, float] = (0.9, 0.99)
+    warmup_steps: int = Field(2, ge=0)
+    grad_clip: float = Field(1.0, gt=0.0)
+    micro_batch_size: int = Field(16, ge=1)  # samples per forward/backward on one rank
+    gradient_checkpointing: bool = True
+    threads: int = Field(0, ge=0)  # torch threads per rank; 0 = the machine's cores / ranks
+    gpus_per_rank: float = Field(0.0, ge=0.0)
+
+
+class EvalConfig(SamplingConfig):
+    temperature: float = Field(0.0, ge=0.0)  # greedy: the same sampling before and after
+    before_and_after: bool = True  # held-out accuracy before the first and after the last step
+    every: int = Field(0, ge=0)  # also every N steps (0: never)
+
+
+class TrainConfig(_Section):
+    steps: int = Field(40, ge=1)
+    seed: int = 0
+    checkpoint_every: int = Field(10, ge=0)  # steps; 0: only at the end
+    keep_checkpoints: int = Field(2, ge=1)
+    export_final_model: bool = True
+    max_minutes: float = Field(0.0, ge=0.0)  # stop cleanly after this wall time (0: no limit)
+
+
+class Config(_Section):
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    tasks: TaskConfig = Field(default_factory=TaskConfig)
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
+    reward: RewardConfig = Field(default_factory=RewardConfig)
+    algorithm: AlgorithmConfig = Field(default_factory=AlgorithmConfig)
+    learner: LearnerConfig = Field(default_factory=LearnerConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+
+    @model_validator(mode="after")
+    def _batch_divides(self) -> "Config":
+        samples = self.rollout.questions_per_step * self.rollout.group_size
+        per_pass = self.learner.ranks * self.learner.micro_batch_size
+        if samples % per_pass:
+            raise ValueError(
+                f"rollout.questions_per_step x rollout.group_size = {samples} samples per step must "
+                f"divide evenly into learner.ranks x learner.micro_batch_size = {per_pass}; "
+                f"change learner.micro_batch_size or rollout.questions_per_step")
+        return self
+
+    def fingerprint(self) -> str:
+        """A short hash of the resolved config, recorded with checkpoints."""
+        text = json.dumps(self.model_dump(mode="json"), sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """Embedded defaults <- the YAML file at `path` <- `section.key=value` overrides."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        raw = _read_yaml(Path(path))
+    for item in overrides:
+        key, value = _split_override(item)
+        _set_dotted(raw, key, value)
+    return _validate(raw, source=str(path) if path else "the embedded defaults")
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist; pass a file from configs/ or omit it "
+                          "to use the embedded demo defaults")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def _split_override(item: str) -> tuple[str, Any]:
+    key, sep, text = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {item!r} must look like section.key=value, "
+                          "e.g. --set rollout.temperature=0.8")
+    # YAML parsing gives overrides the same types a config file would: 0.8, true, [a, b], null.
+    return key.strip(), yaml.safe_load(text) if text.strip() else ""
+
+
+def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = raw
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"cannot set {key}: {part} is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _validate(raw: dict[str, Any], source: str) -> Config:
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_explain(exc, source)) from None
+
+
+def _explain(exc: ValidationError, source: str) -> str:
+    lines = [f"invalid config ({source}):"]
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"])
+        if err["type"] == "extra_forbidden":
+            lines.append(f"  unknown key '{key}'{_suggest(err['loc'])}")
+        elif err["type"] == "value_error":
+            lines.append(f"  {err['msg'].removeprefix('Value error, ')}")
+        else:
+            lines.append(f"  '{key}': {err['msg']} (got {err.get('input')!r})")
+    return "\n".join(lines)
+
+
+def _suggest(loc: tuple) -> str:
+    """Name the closest valid key: most unknown keys are typos."""
+    model: type[BaseModel] = Config
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        if field is None or not isinstance(field.annotation, type) or not issubclass(field.annotation, BaseModel):
+            return ""
+        model = field.annotation
+    close = difflib.get_close_matches(str(loc[-1]), list(model.model_fields), n=1)
+    prefix = ".".join(str(p) for p in loc[:-1])
+    if close:
+        return f"; did you mean '{prefix + '.' if prefix else ''}{close[0]}'?"
+    return f"; valid keys here: {', '.join(model.model_fields)}"

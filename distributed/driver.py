@@ -1,0 +1,162 @@
+"""The driver: sets up the actors and runs the GRPO step loop.
+
+One step, as the algorithm reads: take questions; roll out G trajectories each (scored by the
+rollout workers); group advantages; update the policy; push the new weights to every rollout
+engine; log; checkpoint on cadence.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from innerloop.distributed import checkpoints, fleet
+from innerloop.distributed.config import Config
+from innerloop.distributed.model_prep import resolve_model
+from innerloop.distributed.progress import StepDisplay
+from innerloop.distributed.questions import QuestionStream, load_questions
+from innerloop.distributed.records import Trajectory
+from innerloop.distributed.samples import build_samples, group_by_question, loss_normalizers
+from innerloop.distributed.tracking import RunDir
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    steps_done: int
+    accuracy_before: float | None
+    accuracy_after: float | None
+    final_model: Path | None
+    seconds: float
+
+
+class Trainer:
+    def __init__(self, cfg: Config, run_dir: str | Path, address: str | None = None, resume: bool = False):
+        self.cfg = cfg
+        self.run = RunDir(run_dir)
+        self._address = address
+        self._resume = resume
+
+    def train(self) -> TrainResult:
+        started = time.perf_counter()
+        cfg, run = self.cfg, self.run
+        run.write_config(cfg)
+        model_path = resolve_model(cfg.model.name)
+        train_questions, eval_questions = load_questions(cfg.tasks)
+        log.info("%d training and %d held-out questions", len(train_questions), len(eval_questions))
+        actors = fleet.Fleet.start(cfg, model_path, self._address)
+        try:
+            start_step, stream = self._restore(actors, train_questions)
+            before = self._evaluate(actors, eval_questions, start_step, "before") if start_step == 0 else None
+            step = self._loop(actors, stream, start_step, started)
+            after = self._evaluate(actors, eval_questions, step, "after")
+            final = self._export(actors, step)
+        finally:
+            actors.shutdown()
+            run.close()
+        seconds = time.perf_counter() - started
+        run.log({"event": "done", "seconds": seconds, "accuracy_before": before, "accuracy_after": after}, step)
+        return TrainResult(step, before, after, final, seconds)
+
+    def _restore(self, actors: "fleet.Fleet", train_questions) -> tuple[int, QuestionStream]:
+        latest = checkpoints.latest(self.run.checkpoints) if self._resume else None
+        if latest is None:
+            return 0, QuestionStream(train_questions, self.cfg.train.seed)
+        state = checkpoints.load(latest, actors)
+        actors.sync_weights(state.policy_version)
+        log.info("resumed from %s at step %d", latest, state.step)
+        return state.step, QuestionStream(train_questions, self.cfg.train.seed, state.question_position)
+
+    def _loop(self, actors: "fleet.Fleet", stream: QuestionStream, start_step: int, started: float) -> int:
+        cfg = self.cfg
+        step = start_step
+        with StepDisplay(total=cfg.train.steps, done=start_step) as display:
+            while step < cfg.train.steps and not self._out_of_time(started):
+                record = self._step(actors, stream, step)
+                step += 1
+                self.run.log(record, step)
+                display.update(step, record)
+                if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0:
+                    self._checkpoint(actors, step, stream)
+        return step
+
+    def _step(self, actors: "fleet.Fleet", stream: QuestionStream, step: int) -> dict:
+        cfg, timer = self.cfg, _PhaseTimer()
+        questions = stream.take(cfg.rollout.questions_per_step)                  # take questions
+        with timer("generate"):
+            trajectories = actors.generate(questions, cfg.rollout.group_size)    # roll out and score
+        groups = group_by_question(trajectories)
+        samples = build_samples(groups, cfg.algorithm)                           # group advantages
+        with timer("update"):
+            update = actors.update(samples, loss_normalizers(samples, cfg.algorithm))
+        with timer("sync"):
+            actors.sync_weights(step + 1)                                        # weights out, versioned
+        return {**_rollout_metrics(groups, trajectories, timer.seconds["generate"]), **update,
+                **timer.record(), "policy_version": step + 1}
+
+    def _out_of_time(self, started: float) -> bool:
+        limit = self.cfg.train.max_minutes
+        return bool(limit) and time.perf_counter() - started > limit * 60
+
+    def _evaluate(self, actors: "fleet.Fleet", questions, step: int, label: str) -> float:
+        trajectories = actors.generate(questions, 1, sampling=self.cfg.eval)
+        accuracy = sum(t.correct for t in trajectories) / max(1, len(trajectories))
+        formatted = sum(t.formatted for t in trajectories) / max(1, len(trajectories))
+        self.run.log({"event": f"eval_{label}", "eval_accuracy": accuracy, "eval_formatted": formatted,
+                      "eval_questions": len(questions)}, step)
+        log.info("held-out accuracy %s training: %.1f%% (%d questions, %.1f%% formatted)",
+                 label, 100 * accuracy, len(questions), 100 * formatted)
+        return accuracy
+
+    def _checkpoint(self, actors: "fleet.Fleet", step: int, stream: QuestionStream) -> None:
+        state = checkpoints.DriverState(step=step, policy_version=step, question_position=stream.position,
+                                        config_fingerprint=self.cfg.fingerprint())
+        path = checkpoints.save(self.run.checkpoints, state, actors, keep=self.cfg.train.keep_checkpoints)
+        log.info("checkpoint written: %s", path)
+
+    def _export(self, actors: "fleet.Fleet", step: int) -> Path | None:
+        if not self.cfg.train.export_final_model:
+            return None
+        actors.export(self.run.final_model)
+        log.info("final model (step %d) exported to %s", step, self.run.final_model)
+        return self.run.final_model
+
+
+class _PhaseTimer:
+    """Wall time of each named phase of one step; what no phase covers is reported as `other`."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+        self._started = time.perf_counter()
+
+    @contextmanager
+    def __call__(self, phase: str):
+        t0 = time.perf_counter()
+        yield
+        self.seconds[phase] = time.perf_counter() - t0
+
+    def record(self) -> dict[str, float]:
+        total = time.perf_counter() - self._started
+        return {**{f"time_{k}": v for k, v in self.seconds.items()}, "time_step": total,
+                "time_other": total - sum(self.seconds.values())}
+
+
+def _rollout_metrics(groups: list[list[Trajectory]], trajectories: list[Trajectory], seconds: float) -> dict:
+    n = max(1, len(trajectories))
+    tokens = sum(len(t.completion_ids) for t in trajectories)
+    zero_variance = sum(len({t.reward for t in g}) == 1 for g in groups)
+    return {
+        "reward_mean": sum(t.reward for t in trajectories) / n,
+        "accuracy": sum(t.correct for t in trajectories) / n,
+        "formatted": sum(t.formatted for t in trajectories) / n,
+        "completion_tokens_mean": tokens / n,
+        "truncated": sum(t.finish_reason == "length" for t in trajectories) / n,
+        "zero_variance_groups": zero_variance / max(1, len(groups)),
+        "reward_errors": sum(bool(t.reward_error) for t in trajectories),
+        "generated_tokens": tokens,
+        "generate_tokens_per_s": tokens / max(seconds, 1e-9),
+    }

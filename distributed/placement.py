@@ -1,0 +1,86 @@
+"""Ray's one home for `ray.remote`: starts or joins a cluster and places the actors.
+
+Roles are plain classes (RolloutWorker, Learner); this module is the only place they become Ray
+actors. Where the cluster has GPUs, each learner rank and rollout worker gets its GPU through a
+placement group, so a job never starts half-placed; on CPU machines actors take a CPU share.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+
+import ray
+from ray.util.placement_group import placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from innerloop.distributed.config import Config
+
+log = logging.getLogger(__name__)
+
+PLACEMENT_TIMEOUT_S = 300.0
+
+
+def start_ray(address: str | None) -> None:
+    """Join the cluster at `address` ("auto" for the one `ray start` made), or start a local one."""
+    if ray.is_initialized():
+        return
+    # Every actor sees all the machine's cores: Ray's default of OMP_NUM_THREADS=1 per actor would
+    # leave one core idle in each phase, since generation and update take turns on the same cores.
+    env = {"env_vars": {"OMP_NUM_THREADS": str(os.cpu_count() or 1), "TOKENIZERS_PARALLELISM": "false"}}
+    if address:
+        ray.init(address=address, runtime_env=env, log_to_driver=True)
+    else:
+        # Logical CPUs only: rollout engines and learners take turns on the cores, so let them share.
+        ray.init(num_cpus=max(8, os.cpu_count() or 1), include_dashboard=False, runtime_env=env,
+                 log_to_driver=True)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("", 0))
+        return sock.getsockname()[1]
+
+
+def _gpu_bundles(cfg: Config) -> list[dict[str, float]]:
+    learner = [{"CPU": 1, "GPU": cfg.learner.gpus_per_rank}] * cfg.learner.ranks
+    rollout = [{"CPU": 1, "GPU": cfg.rollout.gpus_per_worker}] * cfg.rollout.workers
+    return learner + rollout
+
+
+class Placement:
+    """Scheduling options for each learner rank and rollout worker."""
+
+    def __init__(self, cfg: Config):
+        self._cfg = cfg
+        self._group = None
+        if cfg.learner.gpus_per_rank > 0 or cfg.rollout.gpus_per_worker > 0:
+            self._group = placement_group(_gpu_bundles(cfg), strategy="PACK")
+            if not self._wait(self._group):
+                raise RuntimeError(
+                    f"could not place {cfg.learner.ranks} learner ranks and {cfg.rollout.workers} rollout "
+                    f"workers with their GPUs within {PLACEMENT_TIMEOUT_S:.0f} s; the cluster has "
+                    f"{ray.cluster_resources().get('GPU', 0):.0f} GPUs. Lower learner.ranks or rollout.workers.")
+
+    @staticmethod
+    def _wait(group) -> bool:
+        ready, _ = ray.wait([group.ready()], timeout=PLACEMENT_TIMEOUT_S)
+        return bool(ready)
+
+    def _options(self, bundle_index: int, gpus: float) -> dict:
+        if self._group is None:
+            return {"num_cpus": 1}
+        strategy = PlacementGroupSchedulingStrategy(self._group, placement_group_bundle_index=bundle_index)
+        return {"num_cpus": 1, "num_gpus": gpus, "scheduling_strategy": strategy}
+
+    def learner_options(self, rank: int) -> dict:
+        return self._options(rank, self._cfg.learner.gpus_per_rank)
+
+    def rollout_options(self, index: int) -> dict:
+        return self._options(self._cfg.learner.ranks + index, self._cfg.rollout.gpus_per_worker)
+
+
+def remote_class(cls, options: dict):
+    """The one place a role class becomes a Ray actor class."""
+    return ray.remote(cls).options(**options)

@@ -1,0 +1,55 @@
+"""Where a run's questions come from, and the order it takes them in."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import random
+
+from innerloop.actors import tasks
+from innerloop.distributed.config import TaskConfig
+from innerloop.distributed.records import Question
+
+log = logging.getLogger(__name__)
+
+
+def load_questions(cfg: TaskConfig) -> tuple[list[Question], list[Question]]:
+    """(training, held-out evaluation) questions; the two never share an id or a prompt."""
+    if cfg.source == "synthetic":
+        return tasks.generate_train_eval(cfg.kind, cfg.train_count, cfg.eval_count, cfg.seed, cfg.difficulty)
+    loaded = tasks.load_dataset_questions(cfg.path, cfg.question_field, cfg.answer_field,
+                                          id_field=cfg.id_field, on_bad_row=cfg.on_bad_row)
+    if loaded.skipped:
+        log.warning("skipped %d dataset rows of %s: %s", loaded.skipped, cfg.path, loaded.skip_reasons)
+    train, held_out = tasks.split_train_eval(loaded.questions, cfg.eval_count, cfg.seed)
+    if not train:
+        raise ValueError(f"no training questions left after holding out {cfg.eval_count} for evaluation; "
+                         "lower tasks.eval_count or add questions")
+    return train, held_out
+
+
+class QuestionStream:
+    """Epochs over the training questions, each in a fresh seeded order.
+
+    The position is the whole state: the same seed and position give the same next questions.
+    """
+
+    def __init__(self, questions: list[Question], seed: int, position: int = 0):
+        self._questions = questions
+        self._seed = seed
+        self.position = position
+
+    @functools.lru_cache(maxsize=2)
+    def _order(self, epoch: int) -> list[int]:
+        order = list(range(len(self._questions)))
+        random.Random(self._seed * 1_000_003 + epoch).shuffle(order)
+        return order
+
+    def take(self, count: int) -> list[Question]:
+        size = len(self._questions)
+        taken = []
+        for index in range(self.position, self.position + count):
+            epoch, offset = divmod(index, size)
+            taken.append(self._questions[self._order(epoch)[offset]])
+        self.position += count
+        return taken

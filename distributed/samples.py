@@ -1,0 +1,51 @@
+"""Trajectories -> training samples: the one place that sees whole groups, so advantages live here."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+
+from innerloop.distributed.config import AlgorithmConfig
+from innerloop.distributed.records import Trajectory, TrainingSample
+from innerloop.learners import grpo
+from innerloop.learners.batching import collate
+
+
+def group_by_question(trajectories: list[Trajectory]) -> list[list[Trajectory]]:
+    """Groups in first-seen question order; each group is one question's G trajectories."""
+    groups: dict[str, list[Trajectory]] = defaultdict(list)
+    for trajectory in trajectories:
+        groups[trajectory.question_id].append(trajectory)
+    return list(groups.values())
+
+
+def build_samples(groups: list[list[Trajectory]], algorithm: AlgorithmConfig) -> list[TrainingSample]:
+    """One training sample per trajectory, with its group-relative advantage."""
+    sizes = {len(g) for g in groups}
+    if len(sizes) != 1:
+        raise ValueError(f"every group must hold the same number of trajectories, got sizes {sorted(sizes)}")
+    rewards = torch.tensor([[t.reward for t in g] for g in groups], dtype=torch.float32)  # [Q, G]
+    advantages = grpo.group_advantages(rewards, algorithm.advantage_scale)  # [Q, G]
+    return [
+        _sample(t, float(a))
+        for group, row in zip(groups, advantages)
+        for t, a in zip(group, row.tolist())
+    ]
+
+
+def _sample(trajectory: Trajectory, advantage: float) -> TrainingSample:
+    prompt, completion = trajectory.prompt_ids, trajectory.completion_ids
+    return TrainingSample(
+        input_ids=prompt + completion,
+        loss_mask=(0,) * len(prompt) + (1,) * len(completion),
+        sampler_logprobs=(0.0,) * len(prompt) + trajectory.logprobs,
+        advantage=advantage,
+    )
+
+
+def loss_normalizers(samples: list[TrainingSample], algorithm: AlgorithmConfig) -> grpo.LossNormalizers:
+    """Counts over the whole step's batch that every rank divides its loss by."""
+    loss_mask = collate(samples, pad_id=0).loss_mask
+    update_mask = torch.tensor([s.update for s in samples], dtype=torch.bool)
+    return grpo.loss_normalizers(loss_mask, update_mask, algorithm.aggregation)

@@ -1,0 +1,470 @@
+"""GRPO and SFT loss math: pure torch functions over [batch, time] tensors.
+
+No Ray, vLLM, DeepSpeed or transformers here; everything runs on the CPU in milliseconds.
+
+Conventions
+- B = samples (trajectories) in this piece of the batch, T = positions, V = vocabulary.
+- `logprobs[:, t]` is the log-prob of `input_ids[:, t]` given `input_ids[:, :t]`, so it lines up
+  with `input_ids`, `loss_mask` and the sampler's log-probs (`TrainingSample`). Position 0 has no
+  prediction and is 0.
+- `loss_mask` [B, T] (bool or 0/1) is 1 on completion tokens that carry loss; prompt and padding 0.
+- `update_mask` [B] bool marks the update subset: samples that get the policy-gradient term.
+- Samples in a batch are group-major: sample `i * G + j` is trajectory j of question i.
+- Losses are divided by a *global* normalizer (a count over the whole global batch, all ranks and
+  micro-batches), so the pieces of a split batch sum to the full-batch loss and gradient exactly.
+- Every metric returned is additive: sum it over micro-batches and ranks, then `finalize_metrics`.
+  Metrics are detached float64 device scalars, not Python floats, so a micro-batch costs no host
+  sync; float64 keeps token counts exact past 2**24.
+
+Deliberate departures from the papers (GRPO: Shao et al. 2024; DAPO: Yu et al. 2025;
+Dr.GRPO: Liu et al. 2025; the update subset: Liu et al. 2025, arXiv 2505.19815)
+1. Advantage scale "std" uses the sample std (Bessel's correction, as torch.std, verl and TRL
+   do) plus eps outside the root. A zero-variance group (including G = 1) gets exactly zero
+   advantages: float rounding in `r - mean` would otherwise be divided by a tiny std.
+2. Clip-higher (DAPO): the ratio is clipped to [1 - clip_low, 1 + clip_high]; clip_low ==
+   clip_high is plain PPO/GRPO. No dual clip (a negative advantage with a huge ratio is not
+   bounded from below).
+3. The ratio is per token (PPO/GRPO/DAPO), not per sequence (GSPO).
+4. Aggregation "token" is DAPO's token-level mean over the whole global batch; "sequence" is
+   GRPO's per-sequence mean over its tokens, then a mean over all sequences of the global batch.
+   Dr.GRPO divides by a constant (the max generation length); not provided: the closest here is
+   scale "none" with aggregation "token" (one normalizer for the whole batch, not per sequence). Sequences with no loss tokens are not counted in the "sequence" normalizer,
+   so dummy rows that pad a rank's batch change nothing.
+5. KL to the reference: GRPO puts k3 in the loss; DAPO and Dr.GRPO drop it (kl_coef = 0). k3 is
+   clamped for stability: the log ratio to +-K3_LOG_RATIO_CLAMP (exp cannot overflow) and the value
+   to at most K3_VALUE_CLAMP (one far-off token cannot dominate; its gradient is then zero).
+   KL is aggregated like the policy term but over its own units (see 6), then weighted by kl_coef.
+6. Update subset (2505.19815): advantages over all G, the policy-gradient term only on the m
+   samples in `update_mask`. Its normalizer counts only those samples' units, so the per-token step
+   size does not shrink with m (an m sweep then compares support-set size, not learning rate).
+   KL and entropy cover all samples with their own normalizer unless
+   `mask_kl_and_entropy_by_update`.
+7. Optional entropy bonus (not in GRPO): loss -= entropy_coef * entropy.
+8. Log-probs and entropy are of logits / temperature, to match a sampler that used a temperature.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterator, Mapping, TypeVar
+
+import torch
+from torch import Tensor
+
+DEFAULT_CHUNK_TOKENS = 1024  # positions per fp32 block: 1024 x 152k vocab x 4 B ~ 0.6 GB
+K3_LOG_RATIO_CLAMP = 20.0  # |ref - logp| bound before exp; exp(20) ~ 5e8 stays finite in fp32
+K3_VALUE_CLAMP = 10.0  # per-token k3 bound
+
+_V = TypeVar("_V")
+
+
+def _pick(registry: Mapping[str, _V], name: str, what: str) -> _V:
+    if name not in registry:
+        raise ValueError(f"unknown {what} {name!r}; choose one of {sorted(registry)}")
+    return registry[name]
+
+
+# ---------------------------------------------------------------- advantages
+
+
+def _scale_by_std(rewards: Tensor, eps: float) -> Tensor:  # [N, G] -> [N, G]
+    centered = rewards - rewards.mean(dim=1, keepdim=True)
+    return centered / (rewards.std(dim=1, keepdim=True, correction=1) + eps)
+
+
+def _no_scale(rewards: Tensor, eps: float) -> Tensor:  # [N, G] -> [N, G]
+    return rewards - rewards.mean(dim=1, keepdim=True)
+
+
+ADVANTAGE_SCALES: dict[str, Callable[[Tensor, float], Tensor]] = {
+    "std": _scale_by_std,  # GRPO: (r - mean) / (std + eps)
+    "none": _no_scale,  # Dr.GRPO: r - mean
+}
+
+
+def group_advantages(rewards: Tensor, scale: str, eps: float = 1e-6) -> Tensor:
+    """Advantages within each group of G trajectories of one question.
+
+    rewards: [num_groups, G]. Returns [num_groups, G] float; zero-variance groups give exact zeros.
+    """
+    fn = _pick(ADVANTAGE_SCALES, scale, "advantage scale")
+    if rewards.dim() != 2:
+        raise ValueError(f"rewards must be [num_groups, G], got shape {tuple(rewards.shape)}")
+    rewards = rewards if rewards.is_floating_point() else rewards.float()
+    if rewards.shape[1] < 2:  # one trajectory: nothing to compare against (and no sample std)
+        return torch.zeros_like(rewards)
+    zero_variance = (rewards == rewards[:, :1]).all(dim=1, keepdim=True)  # [N, 1]
+    return torch.where(zero_variance, 0.0, fn(rewards, eps))
+
+
+def update_subset_mask(num_groups: int, G: int, m: int, generator: torch.Generator) -> Tensor:
+    """A seeded random m of the G trajectories of each group: [num_groups * G] bool, group-major."""
+    if not 1 <= m <= G:
+        raise ValueError(f"update subset size m={m} must be in 1..G={G}")
+    order = torch.rand(num_groups, G, generator=generator).argsort(dim=1)  # [N, G] a permutation
+    mask = torch.zeros(num_groups, G, dtype=torch.bool)
+    mask.scatter_(1, order[:, :m], True)
+    return mask.reshape(-1)
+
+
+# ---------------------------------------------------------------- log-probs and entropy
+
+
+def _blocks(rows: int, cols: int, chunk_tokens: int) -> Iterator[tuple[slice, slice]]:
+    """Tiles of a [rows, cols] grid with about chunk_tokens cells each (whole rows when short)."""
+    if chunk_tokens < 1:
+        raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
+    if rows == 0 or cols == 0:
+        return
+    cols_per = min(cols, chunk_tokens)
+    rows_per = max(1, chunk_tokens // cols_per)
+    for r0 in range(0, rows, rows_per):
+        for c0 in range(0, cols, cols_per):
+            yield slice(r0, min(r0 + rows_per, rows)), slice(c0, min(c0 + cols_per, cols))
+
+
+def _compute_dtype(logits: Tensor) -> torch.dtype:
+    return torch.promote_types(logits.dtype, torch.float32)  # bf16/fp16/fp32 -> fp32; fp64 stays
+
+
+class _TokenLogprobs(torch.autograd.Function):
+    """out[:, t] = log_softmax(logits[:, t-1] / temperature)[input_ids[:, t]]; out[:, 0] = 0.
+
+    Forward and backward work in fp32 one block at a time and save only the logits (already held
+    by the model's graph) and a [B, T] logsumexp, never a [B, T, V] fp32 tensor.
+    """
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, input_ids: Tensor, temperature: float, chunk_tokens: int):
+        B, T, _ = logits.shape
+        dtype = _compute_dtype(logits)
+        out = torch.zeros(B, T, dtype=dtype, device=logits.device)
+        lse = torch.zeros(B, T, dtype=dtype, device=logits.device)  # at the predicting position
+        targets = input_ids[:, 1:].long()  # [B, T-1]
+        for r, c in _blocks(B, T - 1, chunk_tokens):
+            z = logits[r, c].to(dtype) / temperature  # [b, l, V]
+            block_lse = torch.logsumexp(z, dim=-1)
+            picked = z.gather(-1, targets[r, c].unsqueeze(-1)).squeeze(-1)
+            out[r, c.start + 1 : c.stop + 1] = picked - block_lse
+            lse[r, c] = block_lse
+        ctx.save_for_backward(logits, targets, lse)
+        ctx.temperature, ctx.chunk_tokens = temperature, chunk_tokens
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        logits, targets, lse = ctx.saved_tensors
+        if not ctx.needs_input_grad[0]:
+            return None, None, None, None
+        B, T, _ = logits.shape
+        grad = torch.zeros_like(logits)  # the last position predicts nothing: zero
+        for r, c in _blocks(B, T - 1, ctx.chunk_tokens):
+            g = grad_out[r, c.start + 1 : c.stop + 1].to(lse.dtype).unsqueeze(-1) / ctx.temperature  # [b, l, 1]
+            d = logits[r, c].to(lse.dtype) / ctx.temperature  # a fresh [b, l, V] block, updated in place
+            d.sub_(lse[r, c].unsqueeze(-1)).exp_().mul_(-g)  # d logp / dz = onehot - softmax
+            d.scatter_add_(-1, targets[r, c].unsqueeze(-1), g)
+            grad[r, c] = d  # casts back to the logits' dtype
+        return grad, None, None, None
+
+
+class _Entropy(torch.autograd.Function):
+    """out[:, t] = entropy of softmax(logits[:, t-1] / temperature); out[:, 0] = 0. Same blocking."""
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, temperature: float, chunk_tokens: int):
+        B, T, _ = logits.shape
+        dtype = _compute_dtype(logits)
+        out = torch.zeros(B, T, dtype=dtype, device=logits.device)
+        lse = torch.zeros(B, T, dtype=dtype, device=logits.device)
+        for r, c in _blocks(B, T - 1, chunk_tokens):
+            z = logits[r, c].to(dtype) / temperature
+            block_lse = torch.logsumexp(z, dim=-1)
+            p = torch.exp(z - block_lse.unsqueeze(-1))
+            out[r, c.start + 1 : c.stop + 1] = torch.special.entr(p).sum(-1)  # entr(0) = 0
+            lse[r, c] = block_lse
+        ctx.save_for_backward(logits, lse, out)
+        ctx.temperature, ctx.chunk_tokens = temperature, chunk_tokens
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        logits, lse, entropy = ctx.saved_tensors
+        if not ctx.needs_input_grad[0]:
+            return None, None, None
+        B, T, _ = logits.shape
+        grad = torch.zeros_like(logits)
+        for r, c in _blocks(B, T - 1, ctx.chunk_tokens):
+            shifted = (r, slice(c.start + 1, c.stop + 1))
+            g = grad_out[shifted].to(lse.dtype).unsqueeze(-1) / ctx.temperature  # [b, l, 1]
+            d = logits[r, c].to(lse.dtype) / ctx.temperature  # a fresh block, becomes log p in place
+            d.sub_(lse[r, c].unsqueeze(-1))
+            p = d.exp()
+            # dH/dz_i = -p_i (log p_i + H); where p_i == 0 (a -inf logit) the term is 0, not NaN.
+            d.add_(entropy[shifted].unsqueeze(-1)).mul_(p).masked_fill_(p == 0, 0.0).mul_(-g)
+            grad[r, c] = d
+        return grad, None, None
+
+
+def token_logprobs(
+    logits: Tensor,  # [B, T, V] any float dtype (bf16 fine); computed in fp32 block by block
+    input_ids: Tensor,  # [B, T]
+    *,
+    temperature: float = 1.0,
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+) -> Tensor:  # [B, T] fp32 (fp64 for fp64 logits), out[:, 0] = 0
+    """Log-prob of each token given its prefix, differentiable w.r.t. logits."""
+    if logits.dim() != 3 or logits.shape[:2] != input_ids.shape:
+        raise ValueError(f"logits {tuple(logits.shape)} must be [B, T, V] over input_ids {tuple(input_ids.shape)}")
+    return _TokenLogprobs.apply(logits, input_ids, float(temperature), int(chunk_tokens))
+
+
+def entropy_from_logits(
+    logits: Tensor,  # [B, T, V]
+    *,
+    temperature: float = 1.0,
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+) -> Tensor:  # [B, T] fp32 (fp64 for fp64 logits): entropy of the distribution that predicted token t; out[:, 0] = 0
+    """Per-token entropy aligned with `token_logprobs`, differentiable w.r.t. logits."""
+    if logits.dim() != 3:
+        raise ValueError(f"logits must be [B, T, V], got {tuple(logits.shape)}")
+    return _Entropy.apply(logits, float(temperature), int(chunk_tokens))
+
+
+# ---------------------------------------------------------------- KL estimators (KL(policy || ref))
+
+
+def _kl_k1(logprobs: Tensor, ref_logprobs: Tensor) -> Tensor:
+    return logprobs - ref_logprobs
+
+
+def _kl_k2(logprobs: Tensor, ref_logprobs: Tensor) -> Tensor:
+    return 0.5 * (logprobs - ref_logprobs) ** 2
+
+
+def _kl_k3(logprobs: Tensor, ref_logprobs: Tensor) -> Tensor:
+    log_ratio = (ref_logprobs - logprobs).clamp(-K3_LOG_RATIO_CLAMP, K3_LOG_RATIO_CLAMP)
+    return (torch.exp(log_ratio) - log_ratio - 1.0).clamp(max=K3_VALUE_CLAMP)
+
+
+KL_ESTIMATORS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
+    "k1": _kl_k1,  # unbiased, high variance, can be negative
+    "k2": _kl_k2,  # biased, low variance, >= 0
+    "k3": _kl_k3,  # unbiased, low variance, >= 0 (GRPO's choice); clamped, see departure 5
+}
+
+
+def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, estimator: str) -> Tensor:  # [B, T] x2 -> [B, T]
+    """Per-token estimate of KL(policy || ref) from samples of the policy."""
+    return _pick(KL_ESTIMATORS, estimator, "KL estimator")(logprobs, ref_logprobs)
+
+
+# ---------------------------------------------------------------- surrogate
+
+
+def clipped_surrogate(
+    logprobs: Tensor,  # [B, T] current policy, with grad
+    old_logprobs: Tensor,  # [B, T] the policy that sampled (or its recomputation)
+    advantages: Tensor,  # [B]
+    clip_low: float,
+    clip_high: float,
+) -> tuple[Tensor, Tensor]:  # per-token loss [B, T], clipped [B, T] bool
+    """PPO clip with separate bounds: loss = -min(ratio * A, clip(ratio, 1-clip_low, 1+clip_high) * A).
+
+    `clipped` is True exactly where the clipped branch is strictly smaller (ratio > 1+clip_high with
+    A > 0, ratio < 1-clip_low with A < 0); the gradient there is zero.
+    """
+    ratio = torch.exp(logprobs - old_logprobs)
+    adv = advantages.to(ratio.dtype).unsqueeze(1)  # [B, 1]
+    unclipped = ratio * adv
+    bounded = ratio.clamp(1.0 - clip_low, 1.0 + clip_high) * adv
+    clipped = bounded < unclipped
+    return -torch.where(clipped, bounded, unclipped), clipped
+
+
+# ---------------------------------------------------------------- aggregation
+
+
+@dataclass(frozen=True)
+class Aggregation:
+    """How per-token values become one number: a sum over units, divided by a global unit count."""
+
+    total: Callable[[Tensor, Tensor], Tensor]  # (values [B, T], mask [B, T] bool) -> scalar sum over units
+    units: Callable[[Tensor], Tensor]  # (mask [B, T] bool) -> scalar count of units
+
+
+def _token_total(values: Tensor, mask: Tensor) -> Tensor:
+    return torch.where(mask, values, 0.0).sum()
+
+
+def _token_units(mask: Tensor) -> Tensor:
+    return mask.sum(dtype=torch.float64)
+
+
+def _sequence_total(values: Tensor, mask: Tensor) -> Tensor:
+    per_sequence = torch.where(mask, values, 0.0).sum(dim=1) / mask.sum(dim=1).clamp(min=1)  # [B]
+    return per_sequence.sum()
+
+
+def _sequence_units(mask: Tensor) -> Tensor:
+    return mask.any(dim=1).sum(dtype=torch.float64)  # sequences without loss tokens do not count
+
+
+AGGREGATIONS: dict[str, Aggregation] = {
+    "token": Aggregation(_token_total, _token_units),  # DAPO / Dr.GRPO: every token weighs the same
+    "sequence": Aggregation(_sequence_total, _sequence_units),  # GRPO: every sequence weighs the same
+}
+
+
+def count_units(mask: Tensor, aggregation: str) -> float:
+    """Units (tokens or sequences) in `mask` [B, T]. Sum this over ranks/micro-batches for a normalizer."""
+    return float(_pick(AGGREGATIONS, aggregation, "aggregation").units(mask.bool()))
+
+
+def global_normalizer(loss_mask_full: Tensor, aggregation: str) -> float:
+    """The divisor for `aggregate`: units in the whole global batch's mask [B_all, T], at least 1."""
+    return max(count_units(loss_mask_full, aggregation), 1.0)
+
+
+def aggregate(values: Tensor, mask: Tensor, normalizer: float | Tensor, aggregation: str) -> Tensor:
+    """Sum over the units of this piece / the global normalizer. values, mask: [B, T]. -> scalar."""
+    agg = _pick(AGGREGATIONS, aggregation, "aggregation")
+    if float(normalizer) <= 0:
+        raise ValueError(f"normalizer must be a positive global count, got {float(normalizer)}")
+    return agg.total(values, mask.bool()) / normalizer
+
+
+@dataclass(frozen=True)
+class LossNormalizers:
+    """Global unit counts for `grpo_loss`, with the settings they were counted under."""
+
+    aggregation: str
+    mask_kl_and_entropy_by_update: bool
+    policy: float  # units of update-subset samples (policy-gradient term), whole global batch
+    regularizer: float  # units carrying KL and entropy, whole global batch
+
+
+def _policy_mask(loss_mask: Tensor, update_mask: Tensor | None) -> Tensor:  # -> [B, T] bool
+    loss_mask = loss_mask.bool()
+    return loss_mask if update_mask is None else loss_mask & update_mask.bool().unsqueeze(1)
+
+
+def loss_normalizers(
+    loss_mask_full: Tensor,  # [B_all, T] the whole global batch
+    update_mask_full: Tensor | None,  # [B_all] bool; None: every sample is updated
+    aggregation: str,
+    mask_kl_and_entropy_by_update: bool = False,
+) -> LossNormalizers:
+    """Normalizers from the whole global batch. With only shards at hand, sum `count_units` of
+    `loss_mask & update_mask[:, None]` (policy) and of the regularizer mask over ranks, clamp at 1."""
+    policy_mask = _policy_mask(loss_mask_full, update_mask_full)
+    regularizer_mask = policy_mask if mask_kl_and_entropy_by_update else loss_mask_full
+    return LossNormalizers(
+        aggregation=aggregation,
+        mask_kl_and_entropy_by_update=mask_kl_and_entropy_by_update,
+        policy=global_normalizer(policy_mask, aggregation),
+        regularizer=global_normalizer(regularizer_mask, aggregation),
+    )
+
+
+# ---------------------------------------------------------------- losses
+
+
+def grpo_loss(
+    logprobs: Tensor,  # [B, T] current policy, with grad
+    old_logprobs: Tensor,  # [B, T] behaviour policy; any value on positions outside loss_mask
+    advantages: Tensor,  # [B] one number per sample
+    loss_mask: Tensor,  # [B, T] bool or 0/1
+    update_mask: Tensor | None,  # [B] bool: the update subset; None = all samples
+    normalizers: LossNormalizers,
+    *,
+    clip_low: float,
+    clip_high: float,
+    aggregation: str,
+    kl_coef: float = 0.0,
+    kl_estimator: str = "k3",
+    ref_logprobs: Tensor | None = None,  # [B, T] reference policy; required when kl_coef != 0
+    entropy: Tensor | None = None,  # [B, T] from entropy_from_logits; required when entropy_coef != 0
+    entropy_coef: float = 0.0,
+    mask_kl_and_entropy_by_update: bool = False,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """loss = policy_loss + kl_coef * kl - entropy_coef * entropy, each aggregated over this piece
+    and divided by the global normalizers. Metrics are detached float64 scalars, all additive."""
+    if (normalizers.aggregation, normalizers.mask_kl_and_entropy_by_update) != (
+        aggregation,
+        mask_kl_and_entropy_by_update,
+    ):
+        raise ValueError(
+            f"normalizers were counted for aggregation={normalizers.aggregation!r}, mask_kl_and_entropy_by_update="
+            f"{normalizers.mask_kl_and_entropy_by_update}; the loss asks for {aggregation!r}, "
+            f"{mask_kl_and_entropy_by_update}: build them with loss_normalizers(...) and the same settings"
+        )
+    if kl_coef != 0.0 and ref_logprobs is None:
+        raise ValueError("kl_coef != 0 needs ref_logprobs")
+    if entropy_coef != 0.0 and entropy is None:
+        raise ValueError("entropy_coef != 0 needs entropy")
+    loss_mask = loss_mask.bool()
+    policy_mask = _policy_mask(loss_mask, update_mask)
+    regularizer_mask = policy_mask if mask_kl_and_entropy_by_update else loss_mask
+    zero = logprobs.new_zeros(())
+
+    # Outside the mask old log-probs are arbitrary (0 on the prompt); a ratio of exactly 1 there keeps
+    # exp() finite, so a masked-out inf cannot turn into a NaN gradient.
+    safe_old = torch.where(policy_mask, old_logprobs, logprobs.detach())
+    per_token, clipped = clipped_surrogate(logprobs, safe_old, advantages, clip_low, clip_high)
+    policy_loss = aggregate(per_token, policy_mask, normalizers.policy, aggregation)
+
+    kl = zero
+    if ref_logprobs is not None:
+        safe_ref = torch.where(regularizer_mask, ref_logprobs, logprobs.detach())
+        per_token_kl = kl_penalty(logprobs, safe_ref, kl_estimator)
+        kl = aggregate(per_token_kl, regularizer_mask, normalizers.regularizer, aggregation)
+    mean_entropy = zero
+    if entropy is not None:
+        mean_entropy = aggregate(entropy, regularizer_mask, normalizers.regularizer, aggregation)
+
+    loss = policy_loss + kl_coef * kl - entropy_coef * mean_entropy
+    metrics = {
+        "loss": loss,
+        "policy_loss": policy_loss,
+        "kl": kl,
+        "entropy": mean_entropy,
+        "clipped_tokens": (clipped & policy_mask).sum(),
+        "policy_tokens": policy_mask.sum(),
+        "tokens": loss_mask.sum(),
+    }
+    return loss, _detach(metrics)
+
+
+def sft_nll_loss(
+    logprobs: Tensor,  # [B, T] with grad
+    loss_mask: Tensor,  # [B, T] bool or 0/1: trajectory tokens to imitate
+    normalizer: float | Tensor,  # global_normalizer(loss_mask of the whole global batch, aggregation)
+    aggregation: str,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Negative log-likelihood of the trajectory tokens; metrics additive as in `grpo_loss`."""
+    loss = aggregate(-logprobs, loss_mask, normalizer, aggregation)
+    return loss, _detach({"loss": loss, "nll": loss, "tokens": loss_mask.bool().sum()})
+
+
+# ---------------------------------------------------------------- metrics
+
+
+def _detach(metrics: dict[str, Tensor]) -> dict[str, Tensor]:
+    # Device scalars, no host sync per micro-batch; float64 keeps token counts exact past 2**24.
+    return {k: v.detach().to(torch.float64) for k, v in metrics.items()}
+
+
+def sum_metrics(pieces: list[Mapping[str, Tensor | float]]) -> dict[str, Tensor | float]:
+    """Sum the metrics of micro-batches (or ranks); every metric here is additive."""
+    keys = set(pieces[0])
+    if any(set(p) != keys for p in pieces):
+        raise ValueError("metric pieces have different keys; they came from different losses")
+    return {k: sum(p[k] for p in pieces) for k in sorted(keys)}
+
+
+def finalize_metrics(summed: Mapping[str, Tensor | float]) -> dict[str, float]:
+    """Floats for logging, from metrics summed over every micro-batch and rank; adds clip_fraction."""
+    out = {k: float(v) for k, v in summed.items()}
+    if "clipped_tokens" in out:
+        out["clip_fraction"] = out["clipped_tokens"] / max(out["policy_tokens"], 1.0)
+    return out

@@ -1,0 +1,213 @@
+"""The DeepSpeed learner: one data-parallel rank of the policy update.
+
+This is DeepSpeed's one home in innerloop. The learner is advantage-blind: it receives training
+samples with one number per sample and a global loss normalizer, and returns summed metrics that
+the driver adds up over ranks. A plain class; `innerloop.distributed.placement` makes it a Ray actor.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from innerloop.distributed.config import AlgorithmConfig, LearnerConfig
+from innerloop.distributed.records import TrainingSample
+from innerloop.learners import grpo
+from innerloop.learners.batching import collate, micro_batches, shard_for_rank
+
+log = logging.getLogger(__name__)
+
+
+class Learner:
+    def __init__(self, model_path: str, dtype: str, learner: LearnerConfig, algorithm: AlgorithmConfig,
+                 temperature: float, rank: int, world_size: int, master_addr: str, master_port: int, seed: int):
+        self.rank, self.world_size = rank, world_size
+        self._temperature = temperature or 1.0  # the sampler's temperature: log-probs of logits / T
+        self._cfg, self._algo = learner, algorithm
+        torch.set_num_threads(learner.threads or max(1, (os.cpu_count() or 1) // world_size))
+        torch.manual_seed(seed)
+        self._init_process_group(master_addr, master_port)
+        self._model_path = model_path
+        self._dtype = getattr(torch, dtype)
+        self.engine = self._build_engine(model_path)
+        self._reference = self._load_reference(model_path) if algorithm.kl_coef > 0 else None
+        pad = self.engine.module.config.pad_token_id
+        self._pad_id = pad if pad is not None else 0
+
+    def _init_process_group(self, master_addr: str, master_port: int) -> None:
+        import deepspeed
+
+        os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(self.rank),
+                          WORLD_SIZE=str(self.world_size), LOCAL_RANK=str(self._local_rank()))
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+
+    def _local_rank(self) -> int:
+        # Ray gives each GPU actor its own CUDA_VISIBLE_DEVICES, so the local device is always 0.
+        return 0
+
+    def _load_model(self, model_path: str):
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=self._dtype)
+        model.config.use_cache = False  # no KV cache in training; it only costs memory
+        return model
+
+    def _build_engine(self, model_path: str):
+        import deepspeed
+
+        model = self._load_model(model_path)
+        if self._cfg.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
+                                          config=self._deepspeed_config(), lr_scheduler=self._schedule)
+        return engine
+
+    def _deepspeed_config(self) -> dict:
+        cfg = self._cfg
+        return {
+            "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
+            # Set per update from the batch; DeepSpeed needs a value at start.
+            "gradient_accumulation_steps": 1,
+            "gradient_clipping": cfg.grad_clip,
+            "bf16": {"enabled": self._dtype == torch.bfloat16},
+            "zero_optimization": {"stage": cfg.zero_stage},
+            "optimizer": {"type": "AdamW", "params": {
+                "lr": cfg.lr, "betas": list(cfg.betas), "weight_decay": cfg.weight_decay,
+                "torch_adam": True}},
+            "steps_per_print": 10**9,
+            "wall_clock_breakdown": False,
+        }
+
+    def _schedule(self, optimizer):
+        # Linear warm-up that starts above zero (DeepSpeed's WarmupLR spends step 1 at lr 0), then flat.
+        warmup = self._cfg.warmup_steps
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / (warmup + 1)))
+
+    def _load_reference(self, model_path: str):
+        model = self._load_model(model_path).eval()
+        for param in model.parameters():
+            param.requires_grad_(False)
+        return model
+
+    def ready(self) -> int:
+        return self.rank
+
+    # ---- the update -------------------------------------------------------------------------
+
+    def update(self, samples: list[TrainingSample], normalizers: grpo.LossNormalizers) -> dict[str, float]:
+        """One optimizer step on this rank's share of `samples` (the whole step's batch).
+
+        `normalizers` are counts over the whole batch, so the losses of all ranks and micro-batches
+        sum to the full-batch loss. Returns additive metric sums (the driver adds ranks together).
+        """
+        started = time.perf_counter()
+        mine = micro_batches(shard_for_rank(samples, self.rank, self.world_size), self._cfg.micro_batch_size)
+        self.engine.set_train_batch_size(len(mine) * self._cfg.micro_batch_size * self.world_size)
+        # DeepSpeed divides each micro-batch loss by the accumulation steps and averages gradients
+        # over ranks; the global normalizers already account for both, so undo them.
+        undo_averaging = len(mine) * self.world_size
+        pieces = []
+        learning_rate = float(self.engine.get_lr()[0])  # the rate this step uses, before the schedule moves
+        self.engine.train()
+        for chunk in mine:
+            loss, metrics = self._micro_batch_loss(collate(chunk, self._pad_id), normalizers)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(
+                    f"learner rank {self.rank}: the loss is {loss.item()} (not finite); lower "
+                    "learner.lr, or check that rewards are finite numbers")
+            self.engine.backward(loss * undo_averaging)
+            self.engine.step()
+            pieces.append(metrics)
+        sums = {k: float(v) for k, v in grpo.sum_metrics(pieces).items()}
+        sums["grad_norm"] = float(self.engine.get_global_grad_norm() or 0.0)
+        sums["learning_rate"] = learning_rate
+        sums["update_seconds"] = time.perf_counter() - started
+        return sums
+
+    def _micro_batch_loss(self, batch, normalizers: grpo.LossNormalizers):
+        logits = self.engine(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        logprobs = grpo.token_logprobs(logits, batch.input_ids, temperature=self._temperature)
+        algo = self._algo
+        with torch.no_grad():  # entropy as a metric needs no graph: that would double the logits' memory
+            entropy = grpo.entropy_from_logits(logits.detach(), temperature=self._temperature)
+        del logits
+        ref_logprobs = self._reference_logprobs(batch) if self._reference is not None else None
+        # One optimizer step per batch of fresh rollouts: the policy that sampled is the one being
+        # updated, so the old log-probs are the current ones, detached (ratio 1, clip inactive).
+        loss, metrics = grpo.grpo_loss(
+            logprobs=logprobs, old_logprobs=logprobs.detach(), advantages=batch.advantages,
+            loss_mask=batch.loss_mask, update_mask=batch.update_mask, normalizers=normalizers,
+            clip_low=algo.clip_low, clip_high=algo.clip_high, aggregation=algo.aggregation,
+            kl_coef=algo.kl_coef, kl_estimator=algo.kl_estimator, ref_logprobs=ref_logprobs,
+            entropy=entropy, entropy_coef=algo.entropy_coef)
+        # How far the rollout engine's log-probs are from the learner's (weight-sync and numerics check).
+        mask = batch.loss_mask.bool()
+        metrics["sampler_gap_sum"] = (logprobs.detach() - batch.sampler_logprobs).abs()[mask].sum().double()
+        return loss, metrics
+
+    @torch.no_grad()
+    def _reference_logprobs(self, batch) -> torch.Tensor:
+        logits = self._reference(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        return grpo.token_logprobs(logits, batch.input_ids, temperature=self._temperature)
+
+    @torch.no_grad()
+    def sequence_logprobs(self, token_ids: list[int]) -> list[float]:
+        """The learner's log-prob of each token of a fixed sequence given its prefix (first is 0)."""
+        ids = torch.tensor([token_ids])
+        self.engine.eval()
+        logits = self.engine(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+        return grpo.token_logprobs(logits, ids)[0].tolist()
+
+    # ---- weights out ------------------------------------------------------------------------
+
+    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """Every rank must call this (ZeRO-3 gathers collectively); rank 0 gets the tensors."""
+        import deepspeed
+
+        module = self.engine.module
+        params = list(module.parameters()) if self._cfg.zero_stage == 3 else []
+        with deepspeed.zero.GatheredParameters(params, enabled=bool(params)):
+            if self.rank != 0:
+                return None
+            seen, out = set(), {}
+            for name, tensor in module.state_dict().items():
+                # Tied weights (embeddings and LM head) share storage; the engine re-ties them.
+                if tensor.data_ptr() in seen:
+                    continue
+                seen.add(tensor.data_ptr())
+                out[name] = tensor.detach().to(self._dtype).contiguous().clone()
+            return out
+
+    def weights_blob(self) -> bytes | None:
+        """The current weights as one safetensors blob (rank 0), for the rollout engines."""
+        from safetensors.torch import save
+
+        state = self.full_state_dict()
+        return None if state is None else save(state)
+
+    def export(self, folder: str) -> None:
+        """Write a Hugging Face folder (weights, config, tokenizer) that transformers and vLLM load."""
+        from transformers import AutoTokenizer
+
+        state = self.full_state_dict()
+        if state is None:
+            return
+        path = Path(folder)
+        path.mkdir(parents=True, exist_ok=True)
+        self.engine.module.save_pretrained(path, state_dict=state, safe_serialization=True)
+        AutoTokenizer.from_pretrained(self._model_path).save_pretrained(path)
+
+    # ---- checkpoints ------------------------------------------------------------------------
+
+    def save_checkpoint(self, folder: str, tag: str) -> None:
+        self.engine.save_checkpoint(folder, tag=tag)
+
+    def load_checkpoint(self, folder: str, tag: str) -> None:
+        path, _ = self.engine.load_checkpoint(folder, tag=tag)
+        if path is None:
+            raise FileNotFoundError(f"no DeepSpeed checkpoint '{tag}' under {folder}")
