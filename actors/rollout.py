@@ -26,6 +26,8 @@ class RolloutWorker:
     def __init__(self, model_path: str, dtype: str, rollout: RolloutConfig, reward: RewardConfig,
                  system_prompt: str, prompt_template: str, seed: int):
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+        # vLLM's CPU backend drops to one thread unless OMP_NUM_THREADS says otherwise.
+        os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
         from vllm import LLM
 
         from innerloop.actors.rewards import GuardedScorer, build_reward_fn
