@@ -193,7 +193,12 @@ def _split_override(item: str) -> tuple[str, Any]:
         raise ConfigError(f"override {item!r} must look like section.key=value, "
                           "e.g. --set rollout.temperature=0.8")
     # YAML parsing gives overrides the same types a config file would: 0.8, true, [a, b], null.
-    return key.strip(), yaml.safe_load(text) if text.strip() else ""
+    # Text YAML cannot read, or reads as a mapping ("{question}"), is meant as a plain string.
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        return key.strip(), text
+    return key.strip(), text if isinstance(value, dict) else value
 
 
 def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:

@@ -41,14 +41,17 @@ class Trainer:
         self._address = address
         self._resume = resume
 
-    def train(self) -> TrainResult:
+    def train(self, actors: "fleet.Fleet | None" = None) -> TrainResult:
+        """Run the steps. `actors`: an already-started fleet to train with (the integration tests share
+        one across runs); the caller keeps it and shuts it down. Default: start one, shut it down after."""
         started = time.perf_counter()
         cfg, run = self.cfg, self.run
         run.write_config(cfg)
-        model_path = resolve_model(cfg.model.name)
         train_questions, eval_questions = load_questions(cfg.tasks)
         log.info("%d training and %d held-out questions", len(train_questions), len(eval_questions))
-        actors = fleet.Fleet.start(cfg, model_path, self._address)
+        owned = actors is None
+        if owned:
+            actors = fleet.Fleet.start(cfg, resolve_model(cfg.model.name), self._address)
         try:
             start_step, stream = self._restore(actors, train_questions)
             before = self._evaluate(actors, eval_questions, start_step, "before") if start_step == 0 else None
@@ -56,7 +59,8 @@ class Trainer:
             after = self._evaluate(actors, eval_questions, step, "after")
             final = self._export(actors, step)
         finally:
-            actors.shutdown()
+            if owned:
+                actors.shutdown()
             run.close()
         seconds = time.perf_counter() - started
         run.log({"event": "done", "seconds": seconds, "accuracy_before": before, "accuracy_after": after}, step)

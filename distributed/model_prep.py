@@ -97,18 +97,20 @@ def is_prepared(folder: Path) -> bool:
 
 
 @contextlib.contextmanager
-def _folder_lock(target: Path) -> Iterator[None]:
-    """An exclusive lock on ``<target>.lock`` so concurrent preparers on one node convert only once."""
+def _folder_lock(target: Path) -> Iterator[bool]:
+    """An exclusive lock on ``.<target>.lock`` so concurrent preparers on one node convert only once.
+
+    Yields whether the lock is real (False where fcntl is missing)."""
     lock_path = target.parent / f".{target.name}.lock"
     try:
         import fcntl
     except ImportError:  # not POSIX: the atomic rename still keeps the folder consistent
-        yield
+        yield False
         return
     with open(lock_path, "a+") as handle:
         fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
         try:
-            yield
+            yield True
         finally:
             fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
@@ -282,9 +284,12 @@ def prepare_default_model(cache_dir: Path | None = None, force: bool = False, *,
     except OSError as exc:
         raise ModelPrepError(f"cannot create the model cache folder {target.parent}: {exc} (set INNERLOOP_CACHE)") from exc
 
-    with _folder_lock(target):
+    with _folder_lock(target) as locked:
         if not force and is_prepared(target):  # another process finished while we waited for the lock
             return target
+        # Leftovers of a killed conversion: safe to delete, since whoever made them no longer holds the lock.
+        for stale in target.parent.glob(f".{target.name}.tmp-*") if locked else ():
+            shutil.rmtree(stale, ignore_errors=True)
         gguf_path = locate_gguf(install=install)
         _progress(f"converting {gguf_path} -> {target}")
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
@@ -303,7 +308,7 @@ def prepare_default_model(cache_dir: Path | None = None, force: bool = False, *,
             shutil.rmtree(tmp, ignore_errors=True)
             raise
     size_mb = (target / "model.safetensors").stat().st_size / 1e6
-    _progress(f"ready: {target} ({size_mb:.0f} MB of {SAVE_DTYPE} weights, converted in {info['seconds']} s)")
+    _progress(f"ready: {target} ({size_mb:.0f} MB of {SAVE_DTYPE} weights, converted in {info.get('seconds', '?')} s)")
     return target
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import logging
 import random
 
@@ -38,12 +37,14 @@ class QuestionStream:
         self._questions = questions
         self._seed = seed
         self.position = position
+        self._cached_epoch, self._cached_order = -1, []
 
-    @functools.lru_cache(maxsize=2)
     def _order(self, epoch: int) -> list[int]:
-        order = list(range(len(self._questions)))
-        random.Random(self._seed * 1_000_003 + epoch).shuffle(order)
-        return order
+        if self._cached_epoch != epoch:  # one shuffle per epoch, not one per question taken
+            self._cached_order = list(range(len(self._questions)))
+            random.Random(self._seed * 1_000_003 + epoch).shuffle(self._cached_order)
+            self._cached_epoch = epoch
+        return self._cached_order
 
     def take(self, count: int) -> list[Question]:
         size = len(self._questions)

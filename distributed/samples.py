@@ -36,6 +36,9 @@ def build_samples(groups: list[list[Trajectory]], algorithm: AlgorithmConfig) ->
 
 def _sample(trajectory: Trajectory, advantage: float) -> TrainingSample:
     prompt, completion = trajectory.prompt_ids, trajectory.completion_ids
+    if len(trajectory.logprobs) != len(completion):
+        raise ValueError(f"trajectory of {trajectory.question_id} has {len(trajectory.logprobs)} log-probs for "
+                         f"{len(completion)} completion tokens; the rollout worker must return one per token")
     return TrainingSample(
         input_ids=prompt + completion,
         loss_mask=(0,) * len(prompt) + (1,) * len(completion),

@@ -1,0 +1,463 @@
+"""Integration tests: the real stack on a tiny fp32 Llama built locally.
+
+Real Ray (a local cluster), a real vLLM CPU engine, real DeepSpeed (gloo). The stack starts once per
+session and is shared:
+
+- `stack`: one learner rank and one rollout worker (`Fleet.start`, as the driver starts them).
+- `trained`: two training steps through `Trainer` into a run directory. Everything the tests check
+  about that run (log-probs, learner weights, every generate call) is measured inside the fixture,
+  so a later test that moves the shared learner on cannot change what they see.
+- `resumed`: a copy of that run directory resumed on the same fleet for a third step.
+- the data-parallel test starts its own two learner ranks in the same Ray cluster.
+
+The CLI test at the end starts nothing (no Ray, no engine) and carries no integration marker.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import sys
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:  # `tests.doubles` and `tests.tiny_model`, as the workers import them
+    sys.path.insert(0, str(REPO_ROOT))
+
+from innerloop.distributed import checkpoints, cli, driver  # noqa: E402
+from innerloop.distributed.config import load_config  # noqa: E402
+from innerloop.distributed.driver import Trainer, TrainResult  # noqa: E402
+from tests.doubles import length_reward  # noqa: E402
+from tests.tiny_model import build_tiny_model  # noqa: E402
+
+PROBE_TEXT = "What is 12 + 9? 12 + 9 = 21. The answer is \\boxed{21}."
+LOGPROB_ATOL = 1e-4  # engine vs learner on the same fp32 weights: different kernels, same numbers
+MOVED_AT_LEAST = 1e-2  # two steps at lr 1e-3 move some log-prob of the probe at least this much
+PHASES = ("time_generate", "time_update", "time_sync", "time_step", "time_other")
+
+
+def _overrides(model: Path) -> list[str]:
+    return [f"model.name={model}", "model.dtype=float32", "rollout.max_tokens=16",
+            "rollout.questions_per_step=4", "rollout.group_size=4", "learner.micro_batch_size=4",
+            "reward.kind=custom", "reward.custom=tests.doubles:length_reward", "tasks.eval_count=8",
+            "tasks.train_count=50", "train.steps=2", "train.checkpoint_every=1", "learner.lr=1e-3"]
+
+
+# ---------------------------------------------------------------- fixtures: one stack per session
+
+
+@dataclass
+class Stack:
+    model: Path
+    cfg: object
+    fleet: object
+    probe_ids: list[int]
+
+    @property
+    def learner(self):
+        return self.fleet.learners[0]
+
+    @property
+    def worker(self):
+        return self.fleet.workers[0]
+
+    def engine_logprobs(self) -> torch.Tensor:
+        import ray
+
+        return torch.tensor(ray.get(self.worker.sequence_logprobs.remote(self.probe_ids)), dtype=torch.float64)
+
+    def learner_logprobs(self, learner=None) -> torch.Tensor:
+        import ray
+
+        learner = learner or self.learner
+        return torch.tensor(ray.get(learner.sequence_logprobs.remote(self.probe_ids)), dtype=torch.float64)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture(scope="session")
+def stack(tiny_model):
+    import ray
+    from transformers import AutoTokenizer
+
+    from innerloop.distributed.fleet import Fleet, wait
+
+    # Ray workers inherit this environment (the raylet starts them), and the reward's scoring process
+    # is spawned from a worker: both must import `tests.doubles` whatever directory pytest ran from.
+    saved = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), *([saved] if saved else [])])
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    probe_ids = [tokenizer.bos_token_id, *tokenizer.encode(PROBE_TEXT, add_special_tokens=False)]
+    cfg = load_config(None, _overrides(tiny_model))
+    fleet = Fleet.start(cfg, str(tiny_model))
+    try:
+        yield Stack(tiny_model, cfg, fleet, probe_ids)
+    finally:
+        try:
+            wait([w.close.remote() for w in fleet.workers], "closing the reward scorers", timeout=30)
+        finally:
+            fleet.shutdown()
+            ray.shutdown()
+            if saved is None:
+                os.environ.pop("PYTHONPATH", None)
+            else:
+                os.environ["PYTHONPATH"] = saved
+
+
+@dataclass
+class GenerateCall:
+    questions: int
+    samples_per_question: int
+    is_eval: bool
+    trajectories: list
+
+
+@contextmanager
+def recording_generate(fleet):
+    """Every fleet.generate call the driver makes, with what it returned."""
+    calls: list[GenerateCall] = []
+    real = fleet.generate
+
+    def spy(questions, samples_per_question, sampling=None):
+        out = real(questions, samples_per_question, sampling)
+        calls.append(GenerateCall(len(questions), samples_per_question, sampling is not None, out))
+        return out
+
+    fleet.generate = spy
+    try:
+        yield calls
+    finally:
+        del fleet.generate
+
+
+@dataclass
+class TrainedRun:
+    cfg: object
+    run_dir: Path
+    result: TrainResult
+    calls: list[GenerateCall]
+    engine_before: torch.Tensor
+    learner_before: torch.Tensor
+    engine_after: torch.Tensor
+    learner_after: torch.Tensor
+    learner_state: dict[str, torch.Tensor]
+    worker_version: int
+
+    def records(self) -> list[dict]:
+        return [json.loads(line) for line in (self.run_dir / "metrics.jsonl").read_text().splitlines()]
+
+    def step_records(self) -> list[dict]:
+        return [r for r in self.records() if "policy_version" in r]
+
+    def train_calls(self) -> list[GenerateCall]:
+        return [c for c in self.calls if not c.is_eval]
+
+
+@pytest.fixture(scope="session")
+def trained(stack, tmp_path_factory) -> TrainedRun:
+    import ray
+
+    run_dir = tmp_path_factory.mktemp("runs") / "run"
+    engine_before, learner_before = stack.engine_logprobs(), stack.learner_logprobs()
+    with recording_generate(stack.fleet) as calls:
+        result = Trainer(stack.cfg, run_dir).train(stack.fleet)
+    return TrainedRun(
+        cfg=stack.cfg, run_dir=run_dir, result=result, calls=calls,
+        engine_before=engine_before, learner_before=learner_before,
+        engine_after=stack.engine_logprobs(), learner_after=stack.learner_logprobs(),
+        learner_state=ray.get(stack.learner.full_state_dict.remote()),
+        worker_version=ray.get(stack.worker.__ray_call__.remote(lambda worker: worker.policy_version)))
+
+
+def _perturb_learner(stack) -> None:
+    """Move every weight of the shared learner, so only a real checkpoint load can bring them back."""
+    import ray
+
+    def perturb(learner):
+        with torch.no_grad():
+            for param in learner.engine.module.parameters():
+                param.add_(0.05)
+
+    ray.get(stack.learner.__ray_call__.remote(perturb))
+
+
+@dataclass
+class ResumedRun:
+    run_dir: Path
+    result: TrainResult
+    records_before: int
+    calls: list[GenerateCall]
+    checkpoint_logprobs: torch.Tensor
+    perturbed_logprobs: torch.Tensor
+    restored_logprobs: list[torch.Tensor]  # the learner's, at each weight sync of the resumed run
+
+
+@pytest.fixture(scope="session")
+def resumed(stack, trained, tmp_path_factory) -> ResumedRun:
+    """A copy of the trained run, resumed from its step-2 checkpoint for one more step."""
+    run_dir = tmp_path_factory.mktemp("runs") / "resumed"
+    shutil.copytree(trained.run_dir, run_dir)
+    records_before = len(trained.records())
+    checkpoint_logprobs = stack.learner_logprobs()  # the live learner is still at step 2
+    _perturb_learner(stack)
+    perturbed_logprobs = stack.learner_logprobs()
+    cfg = load_config(None, [*_overrides(stack.model), "train.steps=3"])
+    restored: list[torch.Tensor] = []
+    real_sync = stack.fleet.sync_weights
+
+    def sync_spy(version):
+        restored.append(stack.learner_logprobs())
+        return real_sync(version)
+
+    stack.fleet.sync_weights = sync_spy
+    try:
+        with recording_generate(stack.fleet) as calls:
+            result = Trainer(cfg, run_dir, resume=True).train(stack.fleet)
+    finally:
+        del stack.fleet.sync_weights
+    return ResumedRun(run_dir, result, records_before, calls, checkpoint_logprobs, perturbed_logprobs, restored)
+
+
+# ---------------------------------------------------------------- two steps through the driver
+
+
+@pytest.mark.integration
+def test_two_steps_advance_the_policy_version(trained):
+    assert trained.result.steps_done == 2
+    assert [(r["step"], r["policy_version"]) for r in trained.step_records()] == [(1, 1), (2, 2)]
+    # The driver's generate calls: held-out eval, step 1, step 2, held-out eval.
+    assert [c.is_eval for c in trained.calls] == [True, False, False, True]
+    versions = [{t.policy_version for t in c.trajectories} for c in trained.calls]
+    assert versions == [{0}, {0}, {1}, {2}]  # each trajectory names the weights that generated it
+    assert trained.worker_version == 2
+
+
+@pytest.mark.integration
+def test_training_trajectories_are_whole_groups_scored_by_the_custom_reward(trained):
+    cfg = trained.cfg
+    for call in trained.train_calls():
+        assert call.questions == cfg.rollout.questions_per_step
+        assert len(call.trajectories) == cfg.rollout.questions_per_step * cfg.rollout.group_size
+        sizes = {}
+        for t in call.trajectories:
+            sizes[t.question_id] = sizes.get(t.question_id, 0) + 1
+            assert len(t.logprobs) == len(t.completion_ids) > 0
+            assert all(lp <= 0.0 and math.isfinite(lp) for lp in t.logprobs)
+            assert len(t.completion_ids) <= cfg.rollout.max_tokens
+            # Scored in the worker's scoring process, by the test double imported there.
+            assert t.reward_error == ""
+            assert t.reward == length_reward(t.text, None)
+        assert set(sizes.values()) == {cfg.rollout.group_size}
+
+
+@pytest.mark.integration
+def test_synced_engine_logprobs_match_the_learner_and_moved_from_step_0(trained):
+    assert len(trained.engine_after) == len(trained.learner_after) > 10
+    # Before training both load the same folder; after, the engine holds the learner's synced weights.
+    torch.testing.assert_close(trained.engine_before, trained.learner_before, atol=LOGPROB_ATOL, rtol=0)
+    torch.testing.assert_close(trained.engine_after, trained.learner_after, atol=LOGPROB_ATOL, rtol=0)
+    moved = (trained.engine_after - trained.engine_before).abs().max().item()
+    assert moved > MOVED_AT_LEAST, f"two steps moved the probe's log-probs by only {moved:.2e}"
+
+
+@pytest.mark.integration
+def test_step_metrics_are_sane(trained):
+    records, calls = trained.step_records(), trained.train_calls()
+    assert len(records) == len(calls) == 2
+    for record, call in zip(records, calls):
+        rewards = [t.reward for t in call.trajectories]
+        assert math.isfinite(record["reward_mean"])
+        assert record["reward_mean"] == pytest.approx(sum(rewards) / len(rewards))
+        assert record["generated_tokens"] == sum(len(t.completion_ids) for t in call.trajectories)
+        assert record["tokens"] == record["generated_tokens"]  # every completion token carries loss
+        assert record["reward_errors"] == 0
+        # The learner's log-probs of the sampled tokens are the sampler's (fp32, same weights).
+        assert 0.0 <= record["sampler_logprob_gap"] < LOGPROB_ATOL
+        assert math.isfinite(record["grad_norm"]) and record["grad_norm"] > 0.0
+        assert record["learning_rate"] > 0.0
+        for phase in PHASES:
+            assert math.isfinite(record[phase]) and record[phase] >= 0.0, phase
+        assert record["time_step"] >= record["time_generate"] + record["time_update"] + record["time_sync"]
+    # Warm-up: the learning rate grows over the first steps.
+    assert records[0]["learning_rate"] < records[1]["learning_rate"] <= trained.cfg.learner.lr
+
+
+# ---------------------------------------------------------------- what the run directory holds
+
+
+@pytest.mark.integration
+def test_run_directory_holds_config_metrics_and_tensorboard(trained):
+    run = trained.run_dir
+    text = (run / "config.yaml").read_text()
+    assert trained.cfg.fingerprint() in text.splitlines()[0]
+    assert yaml.safe_load(text) == trained.cfg.model_dump(mode="json")
+
+    records = trained.records()
+    assert [r.get("event") for r in records] == ["eval_before", None, None, "eval_after", "done"]
+    evals = [r for r in records if str(r.get("event", "")).startswith("eval_")]
+    assert [r["step"] for r in evals] == [0, 2]
+    for r in evals:
+        assert r["eval_questions"] == trained.cfg.tasks.eval_count
+        assert 0.0 <= r["eval_accuracy"] <= 1.0
+    assert trained.result.accuracy_before == evals[0]["eval_accuracy"]
+    assert trained.result.accuracy_after == evals[1]["eval_accuracy"]
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    event_files = sorted((run / "tensorboard").glob("events.out.tfevents.*"))
+    assert event_files
+    scalars = EventAccumulator(str(run / "tensorboard")).Reload().Scalars("reward_mean")
+    assert [s.step for s in scalars] == [1, 2]
+    assert [s.value for s in scalars] == pytest.approx([r["reward_mean"] for r in trained.step_records()])
+
+
+@pytest.mark.integration
+def test_checkpoints_hold_model_deepspeed_state_and_driver_state(trained):
+    root = trained.run_dir / "checkpoints"
+    assert sorted(p.name for p in root.iterdir()) == ["step-000001", "step-000002"]  # no partial left
+    latest = checkpoints.latest(root)
+    assert latest == root / "step-000002"
+    assert (latest / "model" / "config.json").is_file()
+    assert checkpoints.model_folder(latest) == latest / "model"
+    deepspeed_files = [p for p in (latest / "deepspeed").rglob("*") if p.is_file()]
+    assert any(p.suffix == ".pt" for p in deepspeed_files), deepspeed_files
+    state = json.loads((latest / "state.json").read_text())
+    assert state == {"step": 2, "policy_version": 2, "question_position": 2 * trained.cfg.rollout.questions_per_step,
+                     "config_fingerprint": trained.cfg.fingerprint()}
+
+
+def _assert_same_weights(folder: Path, learner_state: dict[str, torch.Tensor]) -> None:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    loaded = model.state_dict()
+    assert set(learner_state) <= set(loaded)
+    assert set(loaded) - set(learner_state) <= {"lm_head.weight"}  # tied to the embeddings
+    for name, tensor in learner_state.items():
+        assert torch.equal(loaded[name], tensor), name
+
+
+@pytest.mark.integration
+def test_final_model_loads_in_transformers_with_the_learner_weights(trained):
+    from transformers import AutoTokenizer
+
+    assert trained.result.final_model == trained.run_dir / "final_model"
+    _assert_same_weights(trained.run_dir / "final_model", trained.learner_state)
+    _assert_same_weights(trained.run_dir / "checkpoints" / "step-000002" / "model", trained.learner_state)
+    tokenizer = AutoTokenizer.from_pretrained(trained.run_dir / "final_model")
+    assert tokenizer.chat_template
+
+
+# ---------------------------------------------------------------- resume
+
+
+@pytest.mark.integration
+def test_resume_restores_the_checkpoint_and_continues_the_step_count(resumed):
+    assert resumed.result.steps_done == 3
+    new = [json.loads(line) for line in (resumed.run_dir / "metrics.jsonl").read_text().splitlines()]
+    new = new[resumed.records_before:]
+    # No held-out eval "before" on a resumed run; one step (3), then the eval "after".
+    assert [r.get("event") for r in new] == [None, "eval_after", "done"]
+    assert (new[0]["step"], new[0]["policy_version"]) == (3, 3)
+    train_calls = [c for c in resumed.calls if not c.is_eval]
+    assert len(train_calls) == 1 and {t.policy_version for t in train_calls[0].trajectories} == {2}
+    # The first sync pushes the restored weights: those of the checkpoint, not the perturbed live ones.
+    restored = resumed.restored_logprobs[0]
+    assert (resumed.perturbed_logprobs - resumed.checkpoint_logprobs).abs().max() > MOVED_AT_LEAST
+    torch.testing.assert_close(restored, resumed.checkpoint_logprobs, atol=1e-6, rtol=0)
+    root = resumed.run_dir / "checkpoints"
+    assert sorted(p.name for p in root.iterdir()) == ["step-000002", "step-000003"]  # keep_checkpoints=2
+    state = json.loads((root / "step-000003" / "state.json").read_text())
+    assert (state["step"], state["policy_version"], state["question_position"]) == (3, 3, 12)
+
+
+# ---------------------------------------------------------------- two data-parallel learner ranks
+
+
+@pytest.mark.integration
+def test_two_zero2_learner_ranks_hold_identical_weights_after_an_update(stack):
+    import ray
+
+    from innerloop.distributed.fleet import START_TIMEOUT_S, Fleet, wait
+    from innerloop.distributed.placement import Placement, free_port, remote_class
+    from innerloop.distributed.questions import load_questions
+    from innerloop.distributed.samples import build_samples, group_by_question, loss_normalizers
+    from innerloop.learners.learner import Learner
+
+    cfg = load_config(None, [*_overrides(stack.model), "learner.ranks=2", "learner.zero_stage=2"])
+    # A real step's batch, rolled out by the shared engine.
+    questions = load_questions(cfg.tasks)[0][: cfg.rollout.questions_per_step]
+    trajectories = stack.fleet.generate(questions, cfg.rollout.group_size)
+    samples = build_samples(group_by_question(trajectories), cfg.algorithm)
+    assert any(s.advantage != 0.0 for s in samples), "no reward variance: the update would not move"
+
+    # Started as Fleet.start starts learner ranks.
+    placement, port = Placement(cfg), free_port()
+    master = ray.util.get_node_ip_address()
+    learners = [
+        remote_class(Learner, placement.learner_options(rank)).remote(
+            str(stack.model), cfg.model.dtype, cfg.learner, cfg.algorithm, cfg.rollout.temperature, rank,
+            cfg.learner.ranks, master, port, cfg.train.seed)
+        for rank in range(cfg.learner.ranks)]
+    pair = Fleet(cfg, learners, workers=[])
+    try:
+        wait([l.ready.remote() for l in learners], "starting two learner ranks", START_TIMEOUT_S)
+        before = stack.learner_logprobs(learners[1])
+        metrics = pair.update(samples, loss_normalizers(samples, cfg.algorithm))
+        assert metrics["tokens"] == sum(len(t.completion_ids) for t in trajectories)  # summed over ranks
+
+        def weights(learner):
+            return {k: v.detach().clone() for k, v in learner.engine.module.state_dict().items()}
+
+        rank0, rank1 = ray.get([l.__ray_call__.remote(weights) for l in learners])
+        assert set(rank0) == set(rank1)
+        for name in rank0:
+            assert torch.equal(rank0[name], rank1[name]), name
+        after = [stack.learner_logprobs(l) for l in learners]
+        assert torch.equal(after[0], after[1])
+        assert (after[1] - before).abs().max() > 1e-3, "the update did not move rank 1's weights"
+    finally:
+        pair.shutdown()
+
+
+# ---------------------------------------------------------------- the CLI (no Ray started)
+
+
+def test_cli_train_refuses_a_run_dir_with_a_checkpoint_unless_resume(tmp_path, monkeypatch, capsys):
+    started = []
+
+    class FakeTrainer:
+        def __init__(self, cfg, run_dir, address=None, resume=False):
+            started.append((Path(run_dir), resume))
+
+        def train(self):
+            return TrainResult(3, None, None, None, 0.0)
+
+    monkeypatch.setattr(driver, "Trainer", FakeTrainer)
+    run = tmp_path / "run"
+    (run / "checkpoints" / ".partial-step-000003").mkdir(parents=True)  # half-written: not a checkpoint
+    assert cli.main(["train", "--run-dir", str(run), "--resume"]) == 2
+    assert "holds no complete checkpoint" in capsys.readouterr().err
+
+    (run / "checkpoints" / "step-000002").mkdir()
+    (run / "checkpoints" / "step-000002" / "state.json").write_text("{}")
+    assert cli.main(["train", "--run-dir", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert "step-000002" in err and "--resume" in err
+    assert started == []
+
+    assert cli.main(["train", "--run-dir", str(run), "--resume"]) == 0
+    assert started == [(run, True)]
+    assert cli.main(["train", "--run-dir", str(tmp_path / "fresh")]) == 0
+    assert started[-1] == (tmp_path / "fresh", False)

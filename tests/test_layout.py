@@ -1,0 +1,145 @@
+"""One home per heavy dependency, and the package installs under `innerloop.*` (see DESIGN.md).
+
+Imports are read with `ast`, not by importing, so the check is fast and sees imports inside functions.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib.metadata
+import importlib.util
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGES = ("actors", "learners", "distributed")  # folder name == innerloop.<name>
+SOURCES = sorted(p for folder in PACKAGES for p in (ROOT / folder).rglob("*.py"))
+
+# Driver-level modules in distributed/ that may talk to Ray besides placement and fleet.
+RAY_HOMES = {"distributed/placement.py", "distributed/fleet.py", "distributed/driver.py", "distributed/cli.py"}
+
+
+def rel(path: Path) -> str:
+    return path.relative_to(ROOT).as_posix()
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(["innerloop", *parts])
+
+
+def imported_modules(path: Path) -> set[str]:
+    """Absolute dotted names of every module `path` imports, anywhere in the file (relative ones resolved)."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    package = module_name(path) if path.name == "__init__.py" else module_name(path).rpartition(".")[0]
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")
+                base = base[: len(base) - (node.level - 1)]
+                prefix = ".".join(base + ([node.module] if node.module else []))
+            else:
+                prefix = node.module or ""
+            found.add(prefix)
+            # `from innerloop import learners` imports the subpackage: count it as such.
+            found.update(f"{prefix}.{alias.name}" for alias in node.names if alias.name != "*")
+    return found
+
+
+IMPORTS = {rel(p): imported_modules(p) for p in SOURCES}
+
+
+def importers_of(top: str) -> set[str]:
+    return {f for f, mods in IMPORTS.items() if any(m == top or m.startswith(top + ".") for m in mods)}
+
+
+def test_sources_found():
+    assert "actors/rollout.py" in IMPORTS and "learners/grpo.py" in IMPORTS and "distributed/placement.py" in IMPORTS
+
+
+def test_imported_modules_sees_nested_and_relative_imports(tmp_path, monkeypatch):
+    # The checker itself: imports inside functions and relative imports must not slip past it.
+    monkeypatch.setitem(globals(), "ROOT", tmp_path)
+    folder = tmp_path / "actors"
+    folder.mkdir()
+    probe = folder / "probe.py"
+    probe.write_text("def f():\n    import vllm.config\n    from ..learners import grpo\n    from . import tasks\n")
+    assert {"vllm.config", "innerloop.learners", "innerloop.learners.grpo", "innerloop.actors.tasks"} <= \
+        imported_modules(probe)
+
+
+def test_vllm_only_in_the_rollout_worker():
+    # weight_loading.py runs inside vLLM's worker process, but vLLM imports it, not the other way round.
+    assert importers_of("vllm") == {"actors/rollout.py"}
+
+
+def test_deepspeed_only_in_the_learner():
+    assert importers_of("deepspeed") == {"learners/learner.py"}
+
+
+def test_ray_only_in_distributed_driver_level_modules():
+    users = importers_of("ray")
+    assert "distributed/placement.py" in users
+    assert users <= RAY_HOMES, f"ray imported outside its homes: {sorted(users - RAY_HOMES)}"
+
+
+def ray_remote_uses(path: Path) -> list[int]:
+    """Lines that reach `ray.remote` (through `import ray [as x]` or `from ray import remote`)."""
+    tree = ast.parse(path.read_text())
+    ray_names = {"ray"}
+    lines = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            ray_names.update(a.asname for a in node.names if a.name == "ray" and a.asname)
+        elif isinstance(node, ast.ImportFrom) and node.module == "ray":
+            lines += [node.lineno for a in node.names if a.name == "remote"]
+    for node in ast.walk(tree):
+        if (isinstance(node, ast.Attribute) and node.attr == "remote"
+                and isinstance(node.value, ast.Name) and node.value.id in ray_names):
+            lines.append(node.lineno)
+    return lines
+
+
+def test_ray_remote_only_in_placement():
+    uses = {rel(p): ray_remote_uses(p) for p in SOURCES}
+    assert uses["distributed/placement.py"], "placement.py is ray.remote's home but no longer uses it"
+    elsewhere = {f: lines for f, lines in uses.items() if lines and f != "distributed/placement.py"}
+    assert not elsewhere, f"ray.remote outside distributed/placement.py: {elsewhere}"
+
+
+@pytest.mark.parametrize("folder, other", [("actors", "learners"), ("learners", "actors")])
+def test_actors_and_learners_never_import_each_other(folder, other):
+    offenders = {f for f in importers_of(f"innerloop.{other}") if f.startswith(folder + "/")}
+    assert not offenders, f"{folder}/ imports innerloop.{other}: {sorted(offenders)}"
+
+
+def test_grpo_math_imports_only_torch_and_stdlib():
+    tops = {m.split(".")[0] for m in IMPORTS["learners/grpo.py"]}
+    allowed = set(sys.stdlib_module_names) | {"torch"}
+    assert tops <= allowed, f"learners/grpo.py imports {sorted(tops - allowed)}"
+    assert "torch" in tops
+
+
+@pytest.mark.parametrize("name", [f"innerloop.{p}" for p in PACKAGES])
+def test_package_installs_under_innerloop(name):
+    spec = importlib.util.find_spec(name)
+    assert spec is not None, f"{name} is not importable; reinstall with `pip install -e .`"
+    folder = name.rpartition(".")[2]
+    assert Path(spec.origin).resolve() == ROOT / folder / "__init__.py"
+
+
+def test_console_script_in_the_venv():
+    bin_dir = Path(sys.executable).parent  # not resolved: a venv's python is a link into the base install
+    script = shutil.which("innerloop", path=str(bin_dir))
+    assert script is not None, f"no `innerloop` script in {bin_dir}; reinstall with `pip install -e .`"
+    [entry] = importlib.metadata.entry_points(group="console_scripts", name="innerloop")
+    assert entry.value == "innerloop.distributed.cli:main"
+    assert callable(entry.load())
