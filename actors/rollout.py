@@ -40,9 +40,14 @@ class RolloutWorker:
             model=model_path,
             dtype=dtype,
             seed=seed,  # engine-level seed; a per-request seed crashes vLLM's CPU sampler
-            gpu_memory_utilization=rollout.kv_cache_fraction,
+            gpu_memory_utilization=rollout.memory_fraction,
+            kv_cache_memory_bytes=int(rollout.kv_cache_gib * 2**30) if rollout.kv_cache_gib else None,
+            max_model_len=rollout.max_model_len,
             max_num_seqs=rollout.max_num_seqs,
             enable_prefix_caching=True,  # the G samples of a question share its prompt
+            # Sampled tokens' log-probs under the distribution actually sampled (logits / temperature),
+            # as the learner computes them; vLLM's default is the raw logits' (temperature 1).
+            logprobs_mode="processed_logprobs",
             worker_extension_cls="innerloop.actors.weight_loading.WeightLoadingExtension",
         )
         self._tokenizer = self._llm.get_tokenizer()

@@ -19,4 +19,21 @@ class WeightLoadingExtension:
         # redoes the CPU backend's weight repacking; a plain `model.load_weights` would write into
         # the parameters that repacking already emptied.
         self.model_runner.reload_weights(weights_iterator=iter(weights.items()))
+        _reprocess_tied_head(self.model_runner.model)
         return len(weights)
+
+
+def _reprocess_tied_head(model) -> None:
+    """Redo the LM head's post-load processing when it shares the input embeddings' weight.
+
+    A tied head loads no weights of its own, so vLLM's in-place reload skips its processing; on the
+    CPU that processing packs the weight into a oneDNN handle, which would go on computing logits
+    with the *old* weights (found by tests/test_integration.py: engine and learner log-probs parted).
+    """
+    head = getattr(model, "lm_head", None)
+    embed = getattr(getattr(model, "model", None), "embed_tokens", None)
+    weight, method = getattr(head, "weight", None), getattr(head, "quant_method", None)
+    if weight is None or method is None or getattr(embed, "weight", None) is None:
+        return
+    if weight.numel() and weight.data_ptr() == embed.weight.data_ptr():
+        method.process_weights_after_loading(head)

@@ -35,9 +35,9 @@ class ModelConfig(_Section):
 
 class TaskConfig(_Section):
     source: Literal["synthetic", "dataset"] = "synthetic"
-    kind: Literal["addition", "arithmetic", "word", "mixed"] = "addition"  # synthetic only
-    difficulty: int = Field(2, ge=1, le=6)  # digits per operand / operations / steps
-    train_count: int = Field(4000, ge=1)  # training questions in the pool
+    kind: Literal["addition", "arithmetic", "word", "mixed"] = "arithmetic"  # synthetic only
+    difficulty: int = Field(1, ge=1, le=6)  # digits per operand / operations / steps
+    train_count: int = Field(1000, ge=1)  # training questions in the pool
     eval_count: int = Field(200, ge=1)  # held-out questions, never trained on
     seed: int = 0
     # A local dataset: JSONL, Parquet, or a `datasets.save_to_disk` folder.
@@ -50,7 +50,8 @@ class TaskConfig(_Section):
         "You are a careful math tutor. Solve the problem, then give the final answer "
         "as \\boxed{N}. Example: What is 3 + 4? 3 + 4 = 7. The answer is \\boxed{7}."
     )
-    prompt_template: str = "{question}"  # {question} is replaced by the question text
+    # {question} is replaced by the question text.
+    prompt_template: str = "{question}\nPut the final answer in \\boxed{{}}."
 
     @model_validator(mode="after")
     def _dataset_needs_path(self) -> "TaskConfig":
@@ -62,18 +63,22 @@ class TaskConfig(_Section):
 
 
 class SamplingConfig(_Section):
-    temperature: float = Field(1.0, ge=0.0)
+    temperature: float = Field(0.7, ge=0.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    max_tokens: int = Field(160, ge=1)  # generated tokens per trajectory
+    max_tokens: int = Field(128, ge=1)  # generated tokens per trajectory
     stop: list[str] = Field(default_factory=list)
 
 
 class RolloutConfig(SamplingConfig):
     workers: int = Field(1, ge=1)  # Ray actors, each owning one vLLM engine
     group_size: int = Field(8, ge=1)  # G: trajectories per question
-    questions_per_step: int = Field(16, ge=1)
-    # On the CPU this is the fraction of *host* memory vLLM reserves for its KV cache.
-    kv_cache_fraction: float = Field(0.1, gt=0.0, le=0.95)
+    questions_per_step: int = Field(8, ge=1)
+    # KV cache size in GiB. An explicit size, because on the CPU vLLM's memory fraction is taken of
+    # the host memory still free, so it fails whenever other processes (learners) hold memory.
+    # null: use memory_fraction instead (the usual choice on GPUs).
+    kv_cache_gib: float | None = Field(2.0, gt=0.0)
+    memory_fraction: float = Field(0.85, gt=0.0, le=0.98)  # of GPU memory, when kv_cache_gib is null
+    max_model_len: int = Field(2048, ge=16)  # prompt + completion tokens one sequence may hold
     max_num_seqs: int = Field(256, ge=1)  # sequences one engine decodes at once
     gpus_per_worker: float = Field(0.0, ge=0.0)  # 0 on CPU machines
 
@@ -114,7 +119,7 @@ class LearnerConfig(_Section):
     warmup_steps: int = Field(2, ge=0)
     grad_clip: float = Field(1.0, gt=0.0)
     micro_batch_size: int = Field(16, ge=1)  # samples per forward/backward on one rank
-    gradient_checkpointing: bool = True
+    gradient_checkpointing: bool = False  # trades compute for memory; a 135M model fits without it
     threads: int = Field(0, ge=0)  # torch threads per rank; 0 = the machine's cores / ranks
     gpus_per_rank: float = Field(0.0, ge=0.0)
 
@@ -131,7 +136,8 @@ class TrainConfig(_Section):
     checkpoint_every: int = Field(10, ge=0)  # steps; 0: only at the end
     keep_checkpoints: int = Field(2, ge=1)
     export_final_model: bool = True
-    max_minutes: float = Field(0.0, ge=0.0)  # stop cleanly after this wall time (0: no limit)
+    # Stop taking steps after this many minutes from the start (0: no limit); the demo keeps to 30.
+    max_minutes: float = Field(24.0, ge=0.0)
 
 
 class Config(_Section):

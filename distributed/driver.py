@@ -54,17 +54,20 @@ class Trainer:
             actors = fleet.Fleet.start(cfg, resolve_model(cfg.model.name), self._address)
         try:
             start_step, stream = self._restore(actors, train_questions)
-            before = self._evaluate(actors, eval_questions, start_step, "before") if start_step == 0 else None
-            step = self._loop(actors, stream, start_step, started)
-            after = self._evaluate(actors, eval_questions, step, "after")
+            before = after = None
+            if cfg.eval.before_and_after and start_step == 0:
+                before = self._evaluate(actors, eval_questions, start_step, "before")
+            step = self._loop(actors, stream, start_step, started, eval_questions)
+            if cfg.eval.before_and_after:
+                after = self._evaluate(actors, eval_questions, step, "after")
             final = self._export(actors, step)
+            run.log({"event": "done", "seconds": time.perf_counter() - started,
+                     "accuracy_before": before, "accuracy_after": after}, step)
         finally:
             if owned:
                 actors.shutdown()
             run.close()
-        seconds = time.perf_counter() - started
-        run.log({"event": "done", "seconds": seconds, "accuracy_before": before, "accuracy_after": after}, step)
-        return TrainResult(step, before, after, final, seconds)
+        return TrainResult(step, before, after, final, time.perf_counter() - started)
 
     def _restore(self, actors: "fleet.Fleet", train_questions) -> tuple[int, QuestionStream]:
         latest = checkpoints.latest(self.run.checkpoints) if self._resume else None
@@ -75,7 +78,8 @@ class Trainer:
         log.info("resumed from %s at step %d", latest, state.step)
         return state.step, QuestionStream(train_questions, self.cfg.train.seed, state.question_position)
 
-    def _loop(self, actors: "fleet.Fleet", stream: QuestionStream, start_step: int, started: float) -> int:
+    def _loop(self, actors: "fleet.Fleet", stream: QuestionStream, start_step: int, started: float,
+              eval_questions) -> int:
         cfg = self.cfg
         step = start_step
         with StepDisplay(total=cfg.train.steps, done=start_step) as display:
@@ -86,6 +90,10 @@ class Trainer:
                 display.update(step, record)
                 if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0:
                     self._checkpoint(actors, step, stream)
+                if cfg.eval.every and step % cfg.eval.every == 0 and step < cfg.train.steps:
+                    self._evaluate(actors, eval_questions, step, f"step_{step}")
+        if step > start_step and not (cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0):
+            self._checkpoint(actors, step, stream)  # the last step is always saved
         return step
 
     def _step(self, actors: "fleet.Fleet", stream: QuestionStream, step: int) -> dict:

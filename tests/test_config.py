@@ -187,7 +187,8 @@ def test_all_errors_are_reported_at_once():
 
 def test_fingerprint_stable_for_equal_configs(tmp_path):
     a = load_config()
-    b = load_config(write(tmp_path, "rollout:\n  temperature: 1.0\n"))  # restates a default
+    default = Config().rollout.temperature
+    b = load_config(write(tmp_path, f"rollout:\n  temperature: {default}\n"))  # restates a default
     assert a.fingerprint() == b.fingerprint() == Config().fingerprint()
     assert len(a.fingerprint()) == 12
 
@@ -197,3 +198,11 @@ def test_fingerprint_changes_with_any_value():
     changed = {load_config(None, [o]).fingerprint()
                for o in ["rollout.temperature=0.9", "learner.lr=3e-5", "tasks.seed=1", "algorithm.kl_coef=0.01"]}
     assert base not in changed and len(changed) == 4
+
+
+def test_demo_file_is_exactly_the_embedded_defaults():
+    """configs/demo.yaml is the configuration reference: it must not drift from the code."""
+    from pathlib import Path
+
+    demo = load_config(Path(__file__).parent.parent / "configs" / "demo.yaml")
+    assert demo.model_dump() == Config().model_dump()
