@@ -126,4 +126,8 @@ class RolloutWorker:
         return dict(self._scorer.stats)
 
     def close(self) -> None:
+        """Stop the scoring process and the engine's processes; killing the actor alone can leave
+        vLLM's engine-core and worker processes running."""
         self._scorer.close()
+        # vLLM 0.32 has no public shutdown on `LLM`; its engine-core client does.
+        self._llm.llm_engine.engine_core.shutdown()

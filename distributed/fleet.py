@@ -111,6 +111,9 @@ class Fleet:
         wait([l.load_checkpoint.remote(str(folder), tag) for l in self.learners], "loading the checkpoint")
 
     def shutdown(self) -> None:
+        """Close the engines cleanly where they answer, then kill every actor."""
+        closing = [w.close.remote() for w in self.workers]
+        ray.wait(closing, num_returns=len(closing), timeout=30)
         for actor in self.workers + self.learners:
             try:
                 ray.kill(actor)

@@ -50,7 +50,10 @@ def _overrides(model: Path) -> list[str]:
             "rollout.questions_per_step=4", "rollout.group_size=4", "learner.micro_batch_size=4",
             "reward.kind=custom", "reward.custom=tests.doubles:length_reward", "tasks.eval_count=8",
             "tasks.train_count=50", "train.steps=2", "train.checkpoint_every=1", "learner.lr=1e-3",
-            "rollout.max_model_len=512", "rollout.kv_cache_gib=0.25"]  # the tiny model: 512 positions
+            "rollout.max_model_len=512", "rollout.kv_cache_gib=0.25",  # the tiny model has 512 positions
+            # What the assertions rely on, pinned against changes to the demo defaults:
+            "rollout.top_p=1.0", "learner.warmup_steps=2", "eval.before_and_after=true", "eval.every=0",
+            "train.keep_checkpoints=2", "train.export_final_model=true", "train.max_minutes=0"]
 
 
 # ---------------------------------------------------------------- fixtures: one stack per session
@@ -91,30 +94,32 @@ def tiny_model(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def stack(tiny_model):
     import ray
+    import ray.cloudpickle
     from transformers import AutoTokenizer
 
-    from innerloop.distributed.fleet import Fleet, wait
+    from innerloop.distributed.fleet import Fleet
 
+    # Functions of this module that run inside actors travel by value: the actors cannot import it.
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
     # Ray workers inherit this environment (the raylet starts them), and the reward's scoring process
     # is spawned from a worker: both must import `tests.doubles` whatever directory pytest ran from.
     saved = os.environ.get("PYTHONPATH")
     os.environ["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), *([saved] if saved else [])])
-    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
-    probe_ids = [tokenizer.bos_token_id, *tokenizer.encode(PROBE_TEXT, add_special_tokens=False)]
-    cfg = load_config(None, _overrides(tiny_model))
-    fleet = Fleet.start(cfg, str(tiny_model))
     try:
-        yield Stack(tiny_model, cfg, fleet, probe_ids)
-    finally:
+        tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+        probe_ids = [tokenizer.bos_token_id, *tokenizer.encode(PROBE_TEXT, add_special_tokens=False)]
+        cfg = load_config(None, _overrides(tiny_model))
+        fleet = Fleet.start(cfg, str(tiny_model))
         try:
-            wait([w.close.remote() for w in fleet.workers], "closing the reward scorers", timeout=30)
+            yield Stack(tiny_model, cfg, fleet, probe_ids)
         finally:
-            fleet.shutdown()
-            ray.shutdown()
-            if saved is None:
-                os.environ.pop("PYTHONPATH", None)
-            else:
-                os.environ["PYTHONPATH"] = saved
+            fleet.shutdown()  # closes the engines (vLLM's processes) before killing the actors
+    finally:
+        ray.shutdown()
+        if saved is None:
+            os.environ.pop("PYTHONPATH", None)
+        else:
+            os.environ["PYTHONPATH"] = saved
 
 
 @dataclass
@@ -153,7 +158,7 @@ class TrainedRun:
     learner_before: torch.Tensor
     engine_after: torch.Tensor
     learner_after: torch.Tensor
-    learner_state: dict[str, torch.Tensor]
+    learner_state: dict[str, torch.Tensor]  # the learner's weights right after training
     worker_version: int
 
     def records(self) -> list[dict]:
@@ -431,7 +436,7 @@ def test_two_zero2_learner_ranks_hold_identical_weights_matching_one_rank(stack)
         pair_metrics = pair.update(samples, normalizers)
         single_metrics = single.update(samples, normalizers)
 
-        def module_weights(learner):  # runs in the actor: that rank's own copy (a local: pickled by value)
+        def module_weights(learner):  # runs in the actor: that rank's own copy of the weights
             return {k: v.detach().clone() for k, v in learner.engine.module.state_dict().items()}
 
         # Loss pieces are summed over ranks, and every rank steps with the whole batch's gradient:
