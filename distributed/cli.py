@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from innerloop.distributed.config import ConfigError, load_config
+from innerloop.distributed.model_prep import ModelPrepError
 
 log = logging.getLogger("innerloop")
 
@@ -18,7 +19,7 @@ def main(argv: list[str] | None = None) -> int:
     _setup_logging(args.verbose)
     try:
         return args.handler(args)
-    except ConfigError as exc:
+    except (ConfigError, ModelPrepError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from innerloop.distributed import checkpoints, fleet
-from innerloop.distributed.config import Config
+from innerloop.distributed.config import Config, ConfigError
 from innerloop.distributed.model_prep import resolve_model
 from innerloop.distributed.progress import StepDisplay
 from innerloop.distributed.questions import QuestionStream, load_questions
@@ -47,7 +47,7 @@ class Trainer:
         started = time.perf_counter()
         cfg, run = self.cfg, self.run
         run.write_config(cfg)
-        train_questions, eval_questions = load_questions(cfg.tasks)
+        train_questions, eval_questions = check_inputs(cfg)
         log.info("%d training and %d held-out questions", len(train_questions), len(eval_questions))
         owned = actors is None
         if owned:
@@ -136,6 +136,23 @@ class Trainer:
         actors.export(self.run.final_model)
         log.info("final model (step %d) exported to %s", step, self.run.final_model)
         return self.run.final_model
+
+
+def check_inputs(cfg: Config):
+    """Fail before any actor starts on inputs that cannot work: the questions and the reward function.
+
+    Returns (training, held-out) questions. Problems come back as ConfigError, in the user's terms.
+    """
+    from innerloop.actors.rewards import RewardConfigError, build_reward_fn
+
+    try:
+        build_reward_fn(cfg.reward.kind, cfg.reward.answer_pattern, cfg.reward.format_weight, cfg.reward.custom)
+    except RewardConfigError as exc:
+        raise ConfigError(f"reward: {exc}") from None
+    try:
+        return load_questions(cfg.tasks)
+    except (ValueError, FileNotFoundError) as exc:
+        raise ConfigError(f"tasks: {exc}") from None
 
 
 class _PhaseTimer:
