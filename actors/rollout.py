@@ -22,6 +22,14 @@ log = logging.getLogger(__name__)
 _SHM_DIR = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
 
 
+def _max_model_len(model_path: str, wanted: int) -> int:
+    """The configured length, capped at what the model's positions allow (vLLM refuses more)."""
+    from transformers import AutoConfig
+
+    limit = getattr(AutoConfig.from_pretrained(model_path), "max_position_embeddings", None)
+    return min(wanted, limit) if limit else wanted
+
+
 class RolloutWorker:
     def __init__(self, model_path: str, dtype: str, rollout: RolloutConfig, reward: RewardConfig,
                  system_prompt: str, prompt_template: str, seed: int):
@@ -42,7 +50,7 @@ class RolloutWorker:
             seed=seed,  # engine-level seed; a per-request seed crashes vLLM's CPU sampler
             gpu_memory_utilization=rollout.memory_fraction,
             kv_cache_memory_bytes=int(rollout.kv_cache_gib * 2**30) if rollout.kv_cache_gib else None,
-            max_model_len=rollout.max_model_len,
+            max_model_len=_max_model_len(model_path, rollout.max_model_len),
             max_num_seqs=rollout.max_num_seqs,
             enable_prefix_caching=True,  # the G samples of a question share its prompt
             # Sampled tokens' log-probs under the distribution actually sampled (logits / temperature),
