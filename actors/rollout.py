@@ -39,7 +39,8 @@ class RolloutWorker:
         os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
         from vllm import LLM
 
-        from innerloop.actors.rewards import GuardedScorer, build_reward_fn
+        from innerloop.actors.rewards import build_reward_fn
+        from innerloop.actors.scoring import GuardedScorer
 
         self._rollout = rollout
         self._system_prompt = system_prompt

@@ -10,13 +10,13 @@ import time
 import pytest
 
 from innerloop.actors.rewards import (
-    GuardedScorer,
     RewardConfigError,
     build_reward_fn,
     check_answer,
     last_boxed,
     last_number,
 )
+from innerloop.actors.scoring import GuardedScorer
 from innerloop.distributed.records import Question, RewardResult
 
 Q = Question("q-25", "What is 20 + 5?", "25")
