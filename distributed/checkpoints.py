@@ -27,8 +27,12 @@ class DriverState:
     config_fingerprint: str
 
 
+def _folder(root: Path, step: int) -> Path:
+    return root / f"{_PREFIX}{step:06d}"
+
+
 def save(root: Path, state: DriverState, fleet, keep: int) -> Path:
-    final = root / f"{_PREFIX}{state.step:06d}"
+    final = _folder(root, state.step)
     partial = root / f".partial-{final.name}"
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
@@ -62,6 +66,12 @@ def load(path: Path, fleet) -> DriverState:
     state = DriverState(**json.loads((path / "state.json").read_text()))
     fleet.load_learners(path / "deepspeed", tag="state")
     return state
+
+
+def saved_model(root: Path, step: int) -> Path | None:
+    """The Hugging Face folder of the complete checkpoint of `step`, if there is one."""
+    folder = _folder(root, step)
+    return folder / "model" if (folder / "state.json").is_file() else None
 
 
 def model_folder(path: Path) -> Path:

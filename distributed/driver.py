@@ -8,6 +8,7 @@ engine; log; checkpoint on cadence.
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -133,7 +134,11 @@ class Trainer:
     def _export(self, actors: "fleet.Fleet", step: int) -> Path | None:
         if not self.cfg.train.export_final_model:
             return None
-        actors.export(self.run.final_model)
+        saved = checkpoints.saved_model(self.run.checkpoints, step)
+        if saved is not None:  # the last step's checkpoint already holds this model: copy, don't re-gather
+            shutil.copytree(saved, self.run.final_model, dirs_exist_ok=True)
+        else:
+            actors.export(self.run.final_model)
         log.info("final model (step %d) exported to %s", step, self.run.final_model)
         return self.run.final_model
 

@@ -40,7 +40,6 @@ class Fleet:
         self.cfg = cfg
         self.learners = learners
         self.workers = workers
-        self.last_sync_seconds = 0.0
 
     @classmethod
     def start(cls, cfg: Config, model_path: str, address: str | None = None) -> "Fleet":
@@ -98,8 +97,7 @@ class Fleet:
         blobs = [l.weights_blob.remote() for l in self.learners]  # all ranks: ZeRO-3 gathers together
         loads = [w.load_weights.remote(blobs[0], version) for w in self.workers]
         wait(loads + blobs[1:], "the weight sync")
-        self.last_sync_seconds = time.perf_counter() - started
-        return self.last_sync_seconds
+        return time.perf_counter() - started
 
     def export(self, folder: Path) -> None:
         wait([l.export.remote(str(folder)) for l in self.learners], "exporting the final model")

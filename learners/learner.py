@@ -18,6 +18,7 @@ from innerloop.distributed.config import AlgorithmConfig, LearnerConfig
 from innerloop.distributed.records import TrainingSample
 from innerloop.learners import grpo
 from innerloop.learners.batching import collate, micro_batches, shard_for_rank
+from innerloop.learners.logprobs import entropy_from_logits, token_logprobs
 
 log = logging.getLogger(__name__)
 
@@ -131,10 +132,10 @@ class Learner:
 
     def _micro_batch_loss(self, batch, normalizers: grpo.LossNormalizers):
         logits = self.engine(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-        logprobs = grpo.token_logprobs(logits, batch.input_ids, temperature=self._temperature)
+        logprobs = token_logprobs(logits, batch.input_ids, temperature=self._temperature)
         algo = self._algo
         with torch.no_grad():  # entropy as a metric needs no graph: that would double the logits' memory
-            entropy = grpo.entropy_from_logits(logits.detach(), temperature=self._temperature)
+            entropy = entropy_from_logits(logits.detach(), temperature=self._temperature)
         del logits
         ref_logprobs = self._reference_logprobs(batch) if self._reference is not None else None
         # One optimizer step per batch of fresh rollouts: the policy that sampled is the one being
@@ -153,7 +154,7 @@ class Learner:
     @torch.no_grad()
     def _reference_logprobs(self, batch) -> torch.Tensor:
         logits = self._reference(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-        return grpo.token_logprobs(logits, batch.input_ids, temperature=self._temperature)
+        return token_logprobs(logits, batch.input_ids, temperature=self._temperature)
 
     @torch.no_grad()
     def sequence_logprobs(self, token_ids: list[int]) -> list[float]:
@@ -161,7 +162,7 @@ class Learner:
         ids = torch.tensor([token_ids])
         self.engine.eval()
         logits = self.engine(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
-        return grpo.token_logprobs(logits, ids)[0].tolist()
+        return token_logprobs(logits, ids)[0].tolist()
 
     # ---- weights out ------------------------------------------------------------------------
 

@@ -16,7 +16,6 @@ from innerloop.learners.grpo import (
     aggregate,
     clipped_surrogate,
     count_units,
-    entropy_from_logits,
     finalize_metrics,
     global_normalizer,
     group_advantages,
@@ -25,9 +24,9 @@ from innerloop.learners.grpo import (
     loss_normalizers,
     sft_nll_loss,
     sum_metrics,
-    token_logprobs,
     update_subset_mask,
 )
+from innerloop.learners.logprobs import entropy_from_logits, token_logprobs
 
 # ---------------------------------------------------------------- fixtures
 
