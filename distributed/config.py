@@ -141,6 +141,38 @@ class TrainConfig(_Section):
     export_final_model: bool = True
     # Stop taking steps after this many minutes from the start (0: no limit); the demo keeps to 30.
     max_minutes: float = Field(24.0, ge=0.0)
+    # Besides the newest `keep_checkpoints`, keep this many best by `best_metric` (0: none).
+    keep_best: int = Field(1, ge=0)
+    # Any number the step logs; eval_accuracy counts when eval.every lines up with checkpoint_every.
+    best_metric: str = "reward_mean"
+    best_mode: Literal["max", "min"] = "max"
+
+
+class RecoveryConfig(_Section):
+    # A rollout worker whose process dies is replaced (its questions redone) up to this many times.
+    max_worker_restarts: int = Field(3, ge=0)
+    # A dead learner rank restarts every rank from the last checkpoint, up to this many times.
+    max_learner_restarts: int = Field(2, ge=0)
+    # A step whose loss or gradients are NaN/inf is skipped (no weight change) and its data saved
+    # under run_dir/bad_steps/; after this many such steps the run stops.
+    max_nonfinite_steps: int = Field(3, ge=1)
+
+
+class WatchdogConfig(_Section):
+    # Each phase (generate, update, sync, checkpoint, eval) must finish within a deadline:
+    # `factor` x its slowest recent duration, at least `floor_s`; `first_s` before it has a history
+    # (first calls include warm-up). A phase set below overrides that with a fixed number of seconds.
+    # An overrun dumps every actor's and the driver's stacks and stops the run; it never hangs.
+    enabled: bool = True
+    factor: float = Field(5.0, ge=1.0)
+    floor_s: float = Field(120.0, gt=0.0)
+    first_s: float = Field(1800.0, gt=0.0)
+    history: int = Field(20, ge=1)  # recent durations remembered per phase
+    generate_s: float | None = Field(None, gt=0.0)
+    update_s: float | None = Field(None, gt=0.0)
+    sync_s: float | None = Field(None, gt=0.0)
+    checkpoint_s: float | None = Field(None, gt=0.0)
+    eval_s: float | None = Field(None, gt=0.0)
 
 
 class Config(_Section):
@@ -152,6 +184,8 @@ class Config(_Section):
     learner: LearnerConfig = Field(default_factory=LearnerConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    recovery: RecoveryConfig = Field(default_factory=RecoveryConfig)
+    watchdog: WatchdogConfig = Field(default_factory=WatchdogConfig)
 
     @model_validator(mode="after")
     def _batch_divides(self) -> "Config":
