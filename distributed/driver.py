@@ -7,11 +7,14 @@ engine; log; checkpoint on cadence.
 
 from __future__ import annotations
 
+import json
 import logging
+import math
+import random
 import shutil
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from innerloop.distributed import checkpoints, fleet
@@ -35,12 +38,18 @@ class TrainResult:
     seconds: float
 
 
+class NonFiniteSteps(RuntimeError):
+    """Too many steps had a NaN/inf loss or gradient; their data is saved under bad_steps/."""
+
+
 class Trainer:
     def __init__(self, cfg: Config, run_dir: str | Path, address: str | None = None, resume: bool = False):
         self.cfg = cfg
         self.run = RunDir(run_dir)
         self._address = address
         self._resume = resume
+        self._nonfinite_steps = 0
+        self._last_metric: float | None = None  # train.best_metric's latest value, for best checkpoints
 
     def train(self, actors: "fleet.Fleet | None" = None) -> TrainResult:
         """Run the steps. `actors`: an already-started fleet to train with (the integration tests share
@@ -53,12 +62,13 @@ class Trainer:
         owned = actors is None
         if owned:
             actors = fleet.Fleet.start(cfg, resolve_model(cfg.model.name), self._address)
+        actors.watchdog.dump_dir = run.stacks
         try:
-            start_step, stream = self._restore(actors, train_questions)
+            start_step, stream = self._restore(actors, train_questions, self._resume)
             before = after = None
             if cfg.eval.before_and_after and start_step == 0:
                 before = self._evaluate(actors, eval_questions, start_step, "before")
-            step = self._loop(actors, stream, start_step, started, eval_questions)
+            step = self._loop_with_recovery(actors, train_questions, start_step, stream, started, eval_questions)
             if cfg.eval.before_and_after:
                 after = self._evaluate(actors, eval_questions, step, "after")
             final = self._export(actors, step)
@@ -70,14 +80,50 @@ class Trainer:
             run.close()
         return TrainResult(step, before, after, final, time.perf_counter() - started)
 
-    def _restore(self, actors: "fleet.Fleet", train_questions) -> tuple[int, QuestionStream]:
-        latest = checkpoints.latest(self.run.checkpoints) if self._resume else None
+    def _restore(self, actors: "fleet.Fleet", train_questions, from_checkpoint: bool) -> tuple[int, QuestionStream]:
+        """Where the run goes on from: the newest checkpoint that verifies, or the start.
+
+        The run's records are rewound to that step, so every step is logged, and every question
+        consumed (ledger.jsonl), exactly once however often the run stopped.
+        """
+        latest = checkpoints.latest_good(self.run.checkpoints) if from_checkpoint else None
         if latest is None:
+            self.run.rewind(0 if from_checkpoint else None)
+            if from_checkpoint:  # restarted learners hold the initial weights: so must the engines
+                actors.sync_weights(0)
+            self._nonfinite_steps = 0
             return 0, QuestionStream(train_questions, self.cfg.train.seed)
         state = checkpoints.load(latest, actors)
         actors.sync_weights(state.policy_version)
-        log.info("resumed from %s at step %d", latest, state.step)
+        if state.rng.get("python"):
+            random.setstate(_as_random_state(state.rng["python"]))
+        actors.watchdog.load_state(state.extra.get("watchdog", {}))
+        self._nonfinite_steps = int(state.extra.get("nonfinite_steps", 0))
+        dropped = self.run.rewind(state.step)
+        if state.config_fingerprint != self.cfg.fingerprint():
+            log.warning("the config differs from the one checkpoint %s was written with", latest.name)
+        log.info("resumed from %s at step %d (%d records of later steps superseded)", latest, state.step, dropped)
         return state.step, QuestionStream(train_questions, self.cfg.train.seed, state.question_position)
+
+    def _loop_with_recovery(self, actors: "fleet.Fleet", train_questions, step: int, stream: QuestionStream,
+                            started: float, eval_questions) -> int:
+        """The step loop; a dead learner rank restarts every rank from the last checkpoint, a bounded
+        number of times (recovery.max_learner_restarts)."""
+        limit, restarts = self.cfg.recovery.max_learner_restarts, 0
+        while True:
+            try:
+                return self._loop(actors, stream, step, started, eval_questions)
+            except fleet.LearnerLost as exc:
+                if restarts >= limit:
+                    raise RuntimeError(
+                        f"{exc}. The learners were already restarted {restarts} times in this run "
+                        f"(recovery.max_learner_restarts={limit}); stopping. The last checkpoint is intact: "
+                        "look at the learner logs above, then continue with --resume.") from None
+                restarts += 1
+                log.warning("%s; restarting the learners from the last checkpoint (%d of %d)", exc, restarts, limit)
+                actors.restart_learners()
+                step, stream = self._restore(actors, train_questions, from_checkpoint=True)
+                self.run.log({"event": "learners_restarted", "reason": str(exc), "restarts": restarts}, step)
 
     def _loop(self, actors: "fleet.Fleet", stream: QuestionStream, start_step: int, started: float,
               eval_questions) -> int:
@@ -85,31 +131,62 @@ class Trainer:
         step = start_step
         with StepDisplay(total=cfg.train.steps, done=start_step) as display:
             while step < cfg.train.steps and not self._out_of_time(started):
-                record = self._step(actors, stream, step)
+                questions, record = self._step(actors, stream, step)
                 step += 1
                 self.run.log(record, step)
+                self.run.record_questions(step, [q.question_id for q in questions])
+                self._log_events(actors, step)
+                self._note_metric(record)
                 display.update(step, record)
-                if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0:
-                    self._checkpoint(actors, step, stream)
                 if cfg.eval.every and step % cfg.eval.every == 0 and step < cfg.train.steps:
                     self._evaluate(actors, eval_questions, step, f"step_{step}")
+                if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0:
+                    self._checkpoint(actors, step, stream)
         if step > start_step and not (cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0):
             self._checkpoint(actors, step, stream)  # the last step is always saved
         return step
 
-    def _step(self, actors: "fleet.Fleet", stream: QuestionStream, step: int) -> dict:
+    def _step(self, actors: "fleet.Fleet", stream: QuestionStream, step: int) -> tuple[list, dict]:
         cfg, timer = self.cfg, _PhaseTimer()
         questions = stream.take(cfg.rollout.questions_per_step)                  # take questions
-        with timer("generate"):
-            trajectories = actors.generate(questions, cfg.rollout.group_size)    # roll out and score
+        with timer("generate"):                                                  # roll out and score
+            trajectories = actors.generate(questions, cfg.rollout.group_size, seed=self._step_seed(step))
         groups = group_by_question(trajectories)
         samples = build_samples(groups, cfg.algorithm)                           # group advantages
         with timer("update"):
             update = actors.update(samples, loss_normalizers(samples, cfg.algorithm))
+        if update.get("step_skipped"):
+            self._skipped_step(step + 1, trajectories, samples, update)
         with timer("sync"):
             actors.sync_weights(step + 1)                                        # weights out, versioned
-        return {**_rollout_metrics(groups, trajectories, timer.seconds["generate"]), **update,
-                **timer.record(), "policy_version": step + 1}
+        return questions, {**_rollout_metrics(groups, trajectories, timer.seconds["generate"]), **update,
+                           **timer.record(), "policy_version": step + 1}
+
+    def _step_seed(self, step: int) -> int:
+        """The sampling seed of a step: fixed by the run's seed and the step, whatever ran before."""
+        return random.Random(f"{self.cfg.train.seed}-{step}").getrandbits(31)
+
+    def _skipped_step(self, step: int, trajectories, samples, update: dict) -> None:
+        """A NaN/inf loss or gradient: the learners skipped the step. Save its data; stop after too many."""
+        self._nonfinite_steps += 1
+        saved = save_bad_step(self.run.bad_steps, step, trajectories, samples, update)
+        limit = self.cfg.recovery.max_nonfinite_steps
+        log.warning("step %d skipped: the loss or gradient was not finite (%d of at most %d); its data is in %s",
+                    step, self._nonfinite_steps, limit, saved)
+        if self._nonfinite_steps >= limit:
+            raise NonFiniteSteps(
+                f"{self._nonfinite_steps} steps had a NaN or inf loss or gradient (recovery.max_nonfinite_steps="
+                f"{limit}); stopping. Their trajectories and samples are in {self.run.bad_steps}. Common causes: "
+                "rewards too large or not finite, learner.lr too high; the last checkpoint is intact.")
+
+    def _log_events(self, actors: "fleet.Fleet", step: int) -> None:
+        for event in actors.drain_events():
+            self.run.log(event, step)
+
+    def _note_metric(self, record: dict) -> None:
+        value = record.get(self.cfg.train.best_metric)
+        if isinstance(value, (int, float)) and math.isfinite(value):
+            self._last_metric = float(value)
 
     def _out_of_time(self, started: float) -> bool:
         limit = self.cfg.train.max_minutes
@@ -119,16 +196,23 @@ class Trainer:
         trajectories = actors.generate(questions, 1, sampling=self.cfg.eval)
         accuracy = sum(t.correct for t in trajectories) / max(1, len(trajectories))
         formatted = sum(t.formatted for t in trajectories) / max(1, len(trajectories))
-        self.run.log({"event": f"eval_{label}", "eval_accuracy": accuracy, "eval_formatted": formatted,
-                      "eval_questions": len(questions)}, step)
+        record = {"event": f"eval_{label}", "eval_accuracy": accuracy, "eval_formatted": formatted,
+                  "eval_questions": len(questions)}
+        self.run.log(record, step)
+        self._note_metric(record)
         log.info("held-out accuracy %s training: %.1f%% (%d questions, %.1f%% formatted)",
                  label, 100 * accuracy, len(questions), 100 * formatted)
         return accuracy
 
     def _checkpoint(self, actors: "fleet.Fleet", step: int, stream: QuestionStream) -> None:
-        state = checkpoints.DriverState(step=step, policy_version=step, question_position=stream.position,
-                                        config_fingerprint=self.cfg.fingerprint())
-        path = checkpoints.save(self.run.checkpoints, state, actors, keep=self.cfg.train.keep_checkpoints)
+        state = checkpoints.DriverState(
+            step=step, policy_version=step, question_position=stream.position,
+            config_fingerprint=self.cfg.fingerprint(), rng={"python": random.getstate()},
+            metric=self._last_metric,
+            extra={"watchdog": actors.watchdog.state(), "nonfinite_steps": self._nonfinite_steps})
+        train = self.cfg.train
+        path = checkpoints.save(self.run.checkpoints, state, actors, keep=train.keep_checkpoints,
+                                keep_best=train.keep_best, best_mode=train.best_mode)
         log.info("checkpoint written: %s", path)
 
     def _export(self, actors: "fleet.Fleet", step: int) -> Path | None:
@@ -141,6 +225,23 @@ class Trainer:
             actors.export(self.run.final_model)
         log.info("final model (step %d) exported to %s", step, self.run.final_model)
         return self.run.final_model
+
+
+def save_bad_step(folder: Path, step: int, trajectories, samples, update: dict) -> Path:
+    """One skipped step's trajectories, advantages and update metrics, as JSON lines, for inspection."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"step-{step:06d}.jsonl"
+    lines = [json.dumps({"update": update}, default=str)]
+    lines += [json.dumps({"trajectory": asdict(t), "advantage": s.advantage}, default=str)
+              for t, s in zip(trajectories, samples)]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _as_random_state(saved) -> tuple:
+    """random.getstate() comes back from JSON as nested lists; setstate wants tuples."""
+    version, internal, gauss = saved
+    return version, tuple(internal), gauss
 
 
 def check_inputs(cfg: Config):

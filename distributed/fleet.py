@@ -15,113 +15,218 @@ from innerloop.actors.rollout import RolloutWorker
 from innerloop.distributed.config import Config, SamplingConfig
 from innerloop.distributed.placement import Placement, free_port, remote_class, start_ray
 from innerloop.distributed.records import Question, Trajectory, TrainingSample
+from innerloop.distributed.watchdog import Watchdog
 from innerloop.learners import grpo
 from innerloop.learners.grpo import LossNormalizers
 from innerloop.learners.learner import Learner
 
 log = logging.getLogger(__name__)
 
-# Generous bounds: a phase that overruns these is hung, not slow (2 cores, 135M model).
-START_TIMEOUT_S = 900.0
-PHASE_TIMEOUT_S = 3600.0
+
+class LearnerLost(RuntimeError):
+    """A learner rank's process died: the ranks' shared state is gone, so all must restart."""
 
 
-def wait(refs, what: str, timeout: float = PHASE_TIMEOUT_S):
-    """ray.get with a bound and an error that says which phase stalled."""
-    try:
-        return ray.get(refs, timeout=timeout)
-    except ray.exceptions.GetTimeoutError:
-        raise TimeoutError(f"{what} did not finish within {timeout:.0f} s; the job is stopped rather "
-                           "than left hanging. Check the actor logs above.") from None
+class WorkersLost(RuntimeError):
+    """Rollout workers died more often than recovery.max_worker_restarts allows."""
 
 
 class Fleet:
-    def __init__(self, cfg: Config, learners: list, workers: list):
+    def __init__(self, cfg: Config, model_path: str, placement: Placement):
         self.cfg = cfg
-        self.learners = learners
-        self.workers = workers
+        self._model_path = model_path
+        self._placement = placement
+        self.learners: list = []
+        self.workers: list = []
+        self._locations: dict[str, tuple[str, int]] = {}  # actor name -> (node id, pid), for stack dumps
+        self.watchdog = Watchdog(cfg.watchdog, dump_dir=None, locations=lambda: dict(self._locations))
+        self.worker_restarts = 0
+        self.events: list[dict] = []  # what happened to the actors since the driver last looked
+        self._weights = None  # (version, object ref of rank 0's blob): what a replacement worker loads
 
     @classmethod
-    def start(cls, cfg: Config, model_path: str, address: str | None = None) -> "Fleet":
-        """Start Ray (or join `address`), then all learner ranks and rollout workers at once."""
+    def start(cls, cfg: Config, model_path: str, address: str | None = None,
+              rollout_workers: int | None = None) -> "Fleet":
+        """Start Ray (or join `address`), then all learner ranks and rollout workers at once.
+
+        `rollout_workers`: how many (default cfg.rollout.workers; 0 for a learners-only fleet).
+        """
         start_ray(address)
-        placement = Placement(cfg)
+        fleet = cls(cfg, model_path, Placement(cfg))
+        count = cfg.rollout.workers if rollout_workers is None else rollout_workers
         started = time.perf_counter()
-        master = ray.util.get_node_ip_address()
-        port = free_port()
-        learners = [
-            remote_class(Learner, placement.learner_options(rank)).remote(
-                model_path, cfg.model.dtype, cfg.learner, cfg.algorithm, cfg.rollout.temperature, rank,
-                cfg.learner.ranks,
-                master, port, cfg.train.seed)
-            for rank in range(cfg.learner.ranks)
-        ]
-        workers = [
-            remote_class(RolloutWorker, placement.rollout_options(i)).remote(
-                model_path, cfg.model.dtype, cfg.rollout, cfg.reward, cfg.tasks.system_prompt,
-                cfg.tasks.prompt_template, cfg.train.seed + i)
-            for i in range(cfg.rollout.workers)
-        ]
-        fleet = cls(cfg, learners, workers)
         try:
-            wait([w.ready.remote() for w in workers] + [l.ready.remote() for l in learners],
-                 "starting the rollout workers and learners", START_TIMEOUT_S)
+            fleet.learners = fleet._start_learners()
+            fleet.workers = [fleet._start_worker(i) for i in range(count)]
+            fleet._await_ready({**_named("learner", fleet.learners), **_named("rollout", fleet.workers)})
         except BaseException:
             fleet.shutdown()
             raise
         log.info("%d rollout workers and %d learner ranks ready in %.1f s",
-                 len(workers), len(learners), time.perf_counter() - started)
+                 len(fleet.workers), len(fleet.learners), time.perf_counter() - started)
         return fleet
 
+    # ---- starting actors ----------------------------------------------------------------------
+
+    def _start_learners(self) -> list:
+        cfg, master, port = self.cfg, ray.util.get_node_ip_address(), free_port()
+        return [
+            remote_class(Learner, self._placement.learner_options(rank)).remote(
+                self._model_path, cfg.model.dtype, cfg.learner, cfg.algorithm, cfg.rollout.temperature,
+                rank, cfg.learner.ranks, master, port, cfg.train.seed)
+            for rank in range(cfg.learner.ranks)
+        ]
+
+    def _start_worker(self, index: int):
+        cfg = self.cfg
+        return remote_class(RolloutWorker, self._placement.rollout_options(index)).remote(
+            self._model_path, cfg.model.dtype, cfg.rollout, cfg.reward, cfg.tasks.system_prompt,
+            cfg.tasks.prompt_template, cfg.train.seed + index)
+
+    def _await_ready(self, named: dict[str, object]) -> None:
+        """Wait (bounded) until every named actor is up; remember where each runs, for stack dumps."""
+        where = self.watchdog.wait([a.location.remote() for a in named.values()], "start",
+                                   f"starting {', '.join(named)}")
+        self._locations.update(zip(named, where))
+
+    # ---- the step's calls -----------------------------------------------------------------------
+
     def generate(self, questions: list[Question], samples_per_question: int,
-                 sampling: SamplingConfig | None = None) -> list[Trajectory]:
-        """Questions dealt round-robin to the workers; trajectories come back in question order."""
-        shares = [questions[i :: len(self.workers)] for i in range(len(self.workers))]
-        refs = [w.generate.remote(share, samples_per_question, sampling)
-                for w, share in zip(self.workers, shares) if share]
-        results = wait(refs, "generation")
-        by_question = {}
-        for trajectories in results:
-            for t in trajectories:
-                by_question.setdefault(t.question_id, []).append(t)
+                 sampling: SamplingConfig | None = None, seed: int | None = None) -> list[Trajectory]:
+        """Questions dealt round-robin to the workers; trajectories come back in question order.
+
+        A worker that dies mid-call is replaced (it gets the current weights first) and its share
+        is generated again; `seed` (one per step) makes each share's samples reproducible.
+        """
+        phase = "generate" if sampling is None else "eval"
+        shares = {i: questions[i :: len(self.workers)] for i in range(len(self.workers))}
+        shares = {i: share for i, share in shares.items() if share}
+        by_question: dict[str, list[Trajectory]] = {}
+        while shares:
+            calls = {i: self.workers[i].generate.remote(share, samples_per_question, sampling,
+                                                         None if seed is None else seed + i)
+                     for i, share in shares.items()}
+            done, lost = self._settle(calls, phase, "generation")
+            for trajectories in done.values():
+                for t in trajectories:
+                    by_question.setdefault(t.question_id, []).append(t)
+            for i in lost:
+                self._replace_worker(i)
+            shares = {i: shares[i] for i in lost}
         return [t for q in questions for t in by_question.pop(q.question_id, [])]
 
     def update(self, samples: list[TrainingSample], normalizers: LossNormalizers) -> dict[str, float]:
         """One optimizer step on every rank; metrics summed over ranks, then made into means."""
-        per_rank = wait([l.update.remote(samples, normalizers) for l in self.learners], "the policy update")
+        per_rank = self._learner_call([l.update.remote(samples, normalizers) for l in self.learners],
+                                      "update", "the policy update")
         return reduce_update_metrics(per_rank)
 
     def sync_weights(self, version: int) -> float:
         """Every rollout engine gets exactly the learner's current weights, tagged `version`."""
         started = time.perf_counter()
         blobs = [l.weights_blob.remote() for l in self.learners]  # all ranks: ZeRO-3 gathers together
-        loads = [w.load_weights.remote(blobs[0], version) for w in self.workers]
-        wait(loads + blobs[1:], "the weight sync")
+        self._learner_call(blobs, "sync", "gathering the weights for the rollout workers")
+        self._weights = (version, blobs[0])
+        loads = {i: w.load_weights.remote(blobs[0], version) for i, w in enumerate(self.workers)}
+        _, lost = self._settle(loads, "sync", "the weight sync")
+        for i in lost:
+            self._replace_worker(i)  # a replacement loads these same weights before it is used
         return time.perf_counter() - started
 
     def export(self, folder: Path) -> None:
-        wait([l.export.remote(str(folder)) for l in self.learners], "exporting the final model")
+        self._learner_call([l.export.remote(str(folder)) for l in self.learners], "checkpoint",
+                           "exporting the model")
 
     def save_learners(self, folder: Path, tag: str) -> None:
-        wait([l.save_checkpoint.remote(str(folder), tag) for l in self.learners], "the checkpoint")
+        self._learner_call([l.save_checkpoint.remote(str(folder), tag) for l in self.learners], "checkpoint",
+                           "the checkpoint")
 
     def load_learners(self, folder: Path, tag: str) -> None:
-        wait([l.load_checkpoint.remote(str(folder), tag) for l in self.learners], "loading the checkpoint")
+        self._learner_call([l.load_checkpoint.remote(str(folder), tag) for l in self.learners], "checkpoint",
+                           "loading the checkpoint")
+
+    # ---- failures -------------------------------------------------------------------------------
+
+    def _learner_call(self, refs: list, phase: str, what: str) -> list:
+        try:
+            return self.watchdog.wait(refs, phase, what)
+        except ray.exceptions.RayActorError as exc:
+            raise LearnerLost(f"a learner rank died during {what}: {_first_line(exc)}") from None
+
+    def _settle(self, calls: dict[int, "ray.ObjectRef"], phase: str, what: str) -> tuple[dict, list[int]]:
+        """Wait (bounded) for every call; results by worker index, and the workers that died."""
+        self.watchdog.settle(list(calls.values()), phase, what)
+        done, lost = {}, []
+        for i, ref in calls.items():
+            try:
+                done[i] = ray.get(ref, timeout=0)
+            except ray.exceptions.RayActorError as exc:
+                log.warning("rollout worker %d died during %s: %s", i, what, _first_line(exc))
+                lost.append(i)
+        return done, lost
+
+    def _replace_worker(self, index: int) -> None:
+        """A fresh worker in the dead one's place, holding the current weights before it is used."""
+        limit = self.cfg.recovery.max_worker_restarts
+        if self.worker_restarts >= limit:
+            raise WorkersLost(f"rollout worker {index} died and {self.worker_restarts} workers were already "
+                              f"replaced in this run (recovery.max_worker_restarts={limit}); stopping. The "
+                              "last checkpoint is intact: look at the worker logs above, then --resume.")
+        self.worker_restarts += 1
+        _kill(self.workers[index])
+        started = time.perf_counter()
+        self.workers[index] = self._start_worker(index)
+        self._await_ready({f"rollout-{index}": self.workers[index]})
+        version = 0
+        if self._weights is not None:
+            version, blob = self._weights
+            self.watchdog.wait(self.workers[index].load_weights.remote(blob, version), "sync",
+                               "loading the current weights into a replacement rollout worker")
+        event = {"event": "rollout_worker_replaced", "worker": index, "policy_version": version,
+                 "restart_seconds": round(time.perf_counter() - started, 2), "replacements": self.worker_restarts}
+        log.warning("rollout worker %d replaced in %.1f s; it holds policy version %d",
+                    index, event["restart_seconds"], version)
+        self.events.append(event)
+
+    def restart_learners(self) -> None:
+        """Every rank anew from the model folder (the caller then loads a checkpoint into them)."""
+        for learner in self.learners:
+            _kill(learner)
+        self.learners = self._start_learners()
+        self._await_ready(_named("learner", self.learners))
+        self._weights = None
+
+    def drain_events(self) -> list[dict]:
+        events, self.events = self.events, []
+        return events
 
     def shutdown(self) -> None:
         """Close the engines cleanly where they answer, then kill every actor."""
         closing = [w.close.remote() for w in self.workers]
         ray.wait(closing, num_returns=len(closing), timeout=30)
         for actor in self.workers + self.learners:
-            try:
-                ray.kill(actor)
-            except Exception as exc:  # an actor that already died needs no killing
-                log.debug("kill failed: %s", exc)
+            _kill(actor)
+
+
+def _named(role: str, actors: list) -> dict[str, object]:
+    return {f"{role}-{i}": actor for i, actor in enumerate(actors)}
+
+
+def _kill(actor) -> None:
+    try:
+        ray.kill(actor, no_restart=True)
+    except Exception as exc:  # an actor that already died needs no killing
+        log.debug("kill failed: %s", exc)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def reduce_update_metrics(per_rank: list[dict[str, float]]) -> dict[str, float]:
     """Additive loss metrics are summed over ranks; the rest are the same on every rank (rank 0's)."""
-    shared = {"grad_norm", "learning_rate", "update_seconds"}
+    shared = {"grad_norm", "learning_rate", "update_seconds", "step_skipped"}
     summed = grpo.sum_metrics([{k: v for k, v in r.items() if k not in shared} for r in per_rank])
     out = grpo.finalize_metrics(summed)
     out["sampler_logprob_gap"] = out.pop("sampler_gap_sum") / max(out["tokens"], 1.0)

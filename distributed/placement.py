@@ -84,3 +84,8 @@ class Placement:
 def remote_class(cls, options: dict):
     """The one place a role class becomes a Ray actor class."""
     return ray.remote(cls).options(**options)
+
+
+def remote_function(fn, options: dict):
+    """The one place a plain function becomes a Ray task (e.g. the watchdog's pinned stack reader)."""
+    return ray.remote(fn).options(**options)

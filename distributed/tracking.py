@@ -2,7 +2,11 @@
 
 run_dir/
   config.yaml          the resolved config (defaults, file and overrides merged)
-  metrics.jsonl        one JSON object per step, plus the eval records
+  metrics.jsonl        one JSON object per step, plus the eval and event records
+  ledger.jsonl         the question ids each step consumed: exactly once each, across resumes
+  superseded.jsonl     records of steps a resume (or recovery) went back over, kept for inspection
+  stacks/              stack dumps of every process, written when a phase overran its deadline
+  bad_steps/           the data of steps skipped for a NaN/inf loss
   tensorboard/         event files for `tensorboard --logdir run_dir`
   checkpoints/step-N/  model (Hugging Face folder), DeepSpeed state, driver state
   final_model/         the exported Hugging Face folder
@@ -28,7 +32,12 @@ class RunDir:
         self.checkpoints = self.path / "checkpoints"
         self.final_model = self.path / "final_model"
         self.metrics_file = self.path / "metrics.jsonl"
+        self.ledger_file = self.path / "ledger.jsonl"
+        self.superseded_file = self.path / "superseded.jsonl"
+        self.stacks = self.path / "stacks"
+        self.bad_steps = self.path / "bad_steps"
         self._writer = None
+        self._purge_step: int | None = None
 
     def write_config(self, cfg: Config) -> None:
         text = yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
@@ -37,25 +46,51 @@ class RunDir:
     def log(self, record: dict[str, Any], step: int) -> None:
         """Append one record to metrics.jsonl and mirror its numbers to TensorBoard."""
         record = {"step": step, "time": round(time.time(), 3), **record}
-        with self.metrics_file.open("a") as handle:
-            handle.write(json.dumps(record, default=_plain) + "\n")
+        _append(self.metrics_file, record)
         writer = self._tensorboard()
         for key, value in record.items():
             if key not in ("step", "time") and isinstance(value, (int, float)) and math.isfinite(value):
                 writer.add_scalar(key, value, step)
         writer.flush()
 
+    def record_questions(self, step: int, question_ids: list[str]) -> None:
+        """The ledger: which questions step `step` consumed (written with its metrics, before any
+        checkpoint of that step, so a checkpoint never runs ahead of its ledger)."""
+        _append(self.ledger_file, {"step": step, "questions": list(question_ids)})
+
+    def read_ledger(self) -> list[dict[str, Any]]:
+        return _read_jsonl(self.ledger_file)
+
+    def rewind(self, step: int | None) -> int:
+        """Forget what was logged after `step` (None: everything), as a resume goes back to it.
+
+        The dropped records move to superseded.jsonl; TensorBoard purges its later points.
+        Returns how many records were dropped.
+        """
+        dropped = 0
+        for path in (self.metrics_file, self.ledger_file):
+            records = _read_jsonl(path)
+            keep = [step is not None and r.get("step", 0) <= step for r in records]
+            kept = [r for r, k in zip(records, keep) if k]
+            gone = [{"file": path.name, **r} for r, k in zip(records, keep) if not k]
+            if gone:
+                for record in gone:
+                    _append(self.superseded_file, record)
+                _write_jsonl(path, kept)
+                dropped += len(gone)
+        self._purge_step = (step or 0) + 1
+        return dropped
+
     def _tensorboard(self):
         if self._writer is None:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._writer = SummaryWriter(str(self.path / "tensorboard"))
+            # purge_step: points a previous attempt wrote past the resume step are dropped.
+            self._writer = SummaryWriter(str(self.path / "tensorboard"), purge_step=self._purge_step)
         return self._writer
 
     def read_metrics(self) -> list[dict[str, Any]]:
-        if not self.metrics_file.exists():
-            return []
-        return [json.loads(line) for line in self.metrics_file.read_text().splitlines() if line.strip()]
+        return _read_jsonl(self.metrics_file)
 
     def close(self) -> None:
         if self._writer is not None:
@@ -66,3 +101,27 @@ def _plain(value: Any) -> Any:
     if hasattr(value, "item"):
         return value.item()
     return str(value)
+
+
+def _append(path: Path, record: dict[str, Any]) -> None:
+    with path.open("a") as handle:
+        handle.write(json.dumps(record, default=_plain) + "\n")
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    # A kill -9 mid-write can leave a last line cut short: it is not a record.
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
+def _write_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
+    partial = path.with_suffix(".partial")
+    partial.write_text("".join(json.dumps(r, default=_plain) + "\n" for r in records))
+    partial.replace(path)

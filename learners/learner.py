@@ -8,7 +8,9 @@ the driver adds up over ranks. A plain class; `innerloop.distributed.placement` 
 from __future__ import annotations
 
 import logging
+import math
 import os
+import random
 import time
 from pathlib import Path
 
@@ -16,6 +18,7 @@ import torch
 
 from innerloop.distributed.config import AlgorithmConfig, LearnerConfig
 from innerloop.distributed.records import TrainingSample
+from innerloop.distributed.watchdog import install_stack_dump
 from innerloop.learners import grpo
 from innerloop.learners.batching import collate, micro_batches, shard_for_rank
 from innerloop.learners.logprobs import entropy_from_logits, token_logprobs
@@ -27,6 +30,7 @@ class Learner:
     def __init__(self, model_path: str, dtype: str, learner: LearnerConfig, algorithm: AlgorithmConfig,
                  temperature: float, rank: int, world_size: int, master_addr: str, master_port: int, seed: int):
         self.rank, self.world_size = rank, world_size
+        self._location = install_stack_dump()
         self._temperature = temperature or 1.0  # the sampler's temperature: log-probs of logits / T
         self._cfg, self._algo = learner, algorithm
         torch.set_num_threads(learner.threads or max(1, (os.cpu_count() or 1) // world_size))
@@ -95,6 +99,10 @@ class Learner:
             param.requires_grad_(False)
         return model
 
+    def location(self) -> tuple[str, int]:
+        """(Ray node id, pid): where the driver sends a stack-dump signal if a phase stalls."""
+        return self._location
+
     def ready(self) -> int:
         return self.rank
 
@@ -115,17 +123,25 @@ class Learner:
         pieces = []
         learning_rate = float(self.engine.get_lr()[0])  # the rate this step uses, before the schedule moves
         self.engine.train()
+        finite = True
         for chunk in mine:
             loss, metrics = self._micro_batch_loss(collate(chunk, self._pad_id), normalizers)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(
-                    f"learner rank {self.rank}: the loss is {loss.item()} (not finite); lower "
-                    "learner.lr, or check that rewards are finite numbers")
+            finite = finite and bool(torch.isfinite(loss))
+            # A non-finite loss is still backpropagated: every rank must take part in the gradient
+            # reduction, and DeepSpeed's overflow check then skips the step on all ranks together.
             self.engine.backward(loss * undo_averaging)
             self.engine.step()
             pieces.append(metrics)
         sums = {k: float(v) for k, v in grpo.sum_metrics(pieces).items()}
-        sums["grad_norm"] = float(self.engine.get_global_grad_norm() or 0.0)
+        grad_norm = float(self.engine.get_global_grad_norm() or 0.0)
+        applied = self.engine.was_step_applied()
+        if applied and not (finite and math.isfinite(grad_norm)):
+            raise FloatingPointError(
+                f"learner rank {self.rank}: a non-finite loss or gradient reached the weights (ZeRO stage "
+                f"{self._cfg.zero_stage} has no overflow check here); use learner.zero_stage=1 or 2, "
+                "which skip such steps, and resume from the last checkpoint")
+        sums["step_skipped"] = 0.0 if applied else 1.0
+        sums["grad_norm"] = grad_norm
         sums["learning_rate"] = learning_rate
         sums["update_seconds"] = time.perf_counter() - started
         return sums
@@ -206,9 +222,15 @@ class Learner:
     # ---- checkpoints ------------------------------------------------------------------------
 
     def save_checkpoint(self, folder: str, tag: str) -> None:
-        self.engine.save_checkpoint(folder, tag=tag)
+        # The RNG states ride along, so a resumed rank draws what the uninterrupted one would have.
+        rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
+        self.engine.save_checkpoint(folder, tag=tag, client_state={"innerloop_rng": rng})
 
     def load_checkpoint(self, folder: str, tag: str) -> None:
-        path, _ = self.engine.load_checkpoint(folder, tag=tag)
+        path, client_state = self.engine.load_checkpoint(folder, tag=tag)
         if path is None:
             raise FileNotFoundError(f"no DeepSpeed checkpoint '{tag}' under {folder}")
+        rng = (client_state or {}).get("innerloop_rng")
+        if rng:
+            torch.set_rng_state(rng["torch"])
+            random.setstate(rng["python"])

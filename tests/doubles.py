@@ -7,3 +7,64 @@ def length_reward(completion: str, question) -> float:
     """A reward a random tiny model can earn: more digits, more reward. It gives groups variance,
     so a step on a random model still moves the weights."""
     return float(sum(ch.isdigit() for ch in completion)) / 4.0
+
+
+class FakeFleet:
+    """Stands in for `Fleet` so the driver's recovery logic runs in milliseconds, without Ray.
+
+    `lose_learner_at` / `nonfinite_at`: the update calls (1-based, counted over the fleet's life)
+    at which a learner rank "dies" or the loss comes back NaN. Its "weights" are the number of
+    updates applied, which checkpoints save and restore like real learner state.
+    """
+
+    def __init__(self, cfg, lose_learner_at=(), nonfinite_at=()):
+        from innerloop.distributed.watchdog import Watchdog
+
+        self.watchdog = Watchdog(cfg.watchdog, dump_dir=None)
+        self.lose_learner_at, self.nonfinite_at = set(lose_learner_at), set(nonfinite_at)
+        self.update_calls, self.applied, self.restarts = 0, 0, 0
+        self.synced: list[int] = []
+        self.seeds: list[int | None] = []
+
+    def generate(self, questions, samples_per_question, sampling=None, seed=None):
+        from innerloop.distributed.records import Trajectory
+
+        self.seeds.append(seed)
+        return [Trajectory(q.question_id, (1, 2), (3, 4), (-0.5, -0.5), "stop", "text", reward=float(i % 2),
+                           correct=bool(i % 2), formatted=True, policy_version=self.applied)
+                for q in questions for i in range(samples_per_question)]
+
+    def update(self, samples, normalizers):
+        from innerloop.distributed.fleet import LearnerLost
+
+        self.update_calls += 1
+        if self.update_calls in self.lose_learner_at:
+            raise LearnerLost("a learner rank died during the policy update: (test double)")
+        skipped = self.update_calls in self.nonfinite_at
+        self.applied += 0 if skipped else 1
+        return {"loss": float("nan") if skipped else 0.5, "step_skipped": float(skipped), "grad_norm": 1.0,
+                "applied_updates": float(self.applied)}
+
+    def sync_weights(self, version):
+        self.synced.append(version)
+
+    def save_learners(self, folder, tag):
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"{tag}.txt").write_text(str(self.applied))
+
+    def load_learners(self, folder, tag):
+        self.applied = int((folder / f"{tag}.txt").read_text())
+
+    def export(self, folder):
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "config.json").write_text("{}")
+
+    def restart_learners(self):
+        self.restarts += 1
+        self.applied = 0
+
+    def drain_events(self):
+        return []
+
+    def shutdown(self):
+        pass

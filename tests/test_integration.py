@@ -19,7 +19,10 @@ import json
 import math
 import os
 import shutil
+import signal
 import sys
+import threading
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,7 +56,7 @@ def _overrides(model: Path) -> list[str]:
             "rollout.max_model_len=512", "rollout.kv_cache_gib=0.25",  # the tiny model has 512 positions
             # What the assertions rely on, pinned against changes to the demo defaults:
             "rollout.top_p=1.0", "learner.warmup_steps=2", "eval.before_and_after=true", "eval.every=0",
-            "train.keep_checkpoints=2", "train.export_final_model=true", "train.max_minutes=0"]
+            "train.keep_checkpoints=2", "train.keep_best=0", "train.export_final_model=true", "train.max_minutes=0"]
 
 
 # ---------------------------------------------------------------- fixtures: one stack per session
@@ -340,8 +343,13 @@ def test_checkpoints_hold_model_deepspeed_state_and_driver_state(trained):
     deepspeed_files = [p for p in (latest / "deepspeed").rglob("*") if p.is_file()]
     assert any(p.suffix == ".pt" for p in deepspeed_files), deepspeed_files
     state = json.loads((latest / "state.json").read_text())
-    assert state == {"step": 2, "policy_version": 2, "question_position": 2 * trained.cfg.rollout.questions_per_step,
-                     "config_fingerprint": trained.cfg.fingerprint()}
+    assert {k: state[k] for k in ("step", "policy_version", "question_position", "config_fingerprint")} == {
+        "step": 2, "policy_version": 2, "question_position": 2 * trained.cfg.rollout.questions_per_step,
+        "config_fingerprint": trained.cfg.fingerprint()}
+    assert checkpoints.verify(latest) == []  # every file matches the manifest's checksum
+    manifest = json.loads((latest / "manifest.json").read_text())
+    assert manifest["packages"]["deepspeed"] and manifest["packages"]["torch"]
+    assert state["rng"]["python"] and "watchdog" in state["extra"]
 
 
 def _assert_same_weights(folder: Path, learner_state: dict[str, torch.Tensor]) -> None:
@@ -393,28 +401,13 @@ def test_resume_restores_the_checkpoint_and_continues_the_step_count(resumed):
 # ---------------------------------------------------------------- two data-parallel learner ranks
 
 
-def _start_learners(cfg, model: Path) -> list:
-    """Learner ranks started as Fleet.start starts them (a world of cfg.learner.ranks)."""
-    import ray
-
-    from innerloop.distributed.placement import Placement, free_port, remote_class
-    from innerloop.learners.learner import Learner
-
-    placement, port = Placement(cfg), free_port()
-    master = ray.util.get_node_ip_address()
-    return [remote_class(Learner, placement.learner_options(rank)).remote(
-                str(model), cfg.model.dtype, cfg.learner, cfg.algorithm, cfg.rollout.temperature, rank,
-                cfg.learner.ranks, master, port, cfg.train.seed)
-            for rank in range(cfg.learner.ranks)]
-
-
 @pytest.mark.integration
 def test_two_zero2_learner_ranks_hold_identical_weights_matching_one_rank(stack):
     """Two ZeRO-2 ranks, each given half the batch, end the update with identical weights, and the
     same gradient norm, loss and weights as one rank given the whole batch."""
     import ray
 
-    from innerloop.distributed.fleet import START_TIMEOUT_S, Fleet, wait
+    from innerloop.distributed.fleet import Fleet
     from innerloop.distributed.questions import load_questions
     from innerloop.distributed.samples import build_samples, group_by_question, loss_normalizers
 
@@ -427,11 +420,9 @@ def test_two_zero2_learner_ranks_hold_identical_weights_matching_one_rank(stack)
     normalizers = loss_normalizers(samples, pair_cfg.algorithm)
     assert any(s.advantage != 0.0 for s in samples), "no reward variance: the update would not move"
 
-    pair = Fleet(pair_cfg, _start_learners(pair_cfg, stack.model), workers=[])
-    single = Fleet(single_cfg, _start_learners(single_cfg, stack.model), workers=[])
+    pair = Fleet.start(pair_cfg, str(stack.model), rollout_workers=0)
+    single = Fleet.start(single_cfg, str(stack.model), rollout_workers=0)
     try:
-        wait([l.ready.remote() for l in pair.learners + single.learners], "starting learner ranks",
-             START_TIMEOUT_S)
         before = stack.learner_logprobs(pair.learners[1])
         pair_metrics = pair.update(samples, normalizers)
         single_metrics = single.update(samples, normalizers)
@@ -462,6 +453,93 @@ def test_two_zero2_learner_ranks_hold_identical_weights_matching_one_rank(stack)
     finally:
         pair.shutdown()
         single.shutdown()
+
+
+# ---------------------------------------------------------------- failures (these change the shared fleet)
+
+
+def _kill_pid_when(condition, pid: int, timeout: float = 300.0) -> threading.Thread:
+    """A thread that SIGKILLs `pid` as soon as `condition()` holds: a process dying mid-phase."""
+
+    def watch():
+        deadline = time.monotonic() + timeout
+        while not condition() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        os.kill(pid, signal.SIGKILL)
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    return thread
+
+
+@pytest.mark.integration
+def test_a_nonfinite_loss_skips_the_step_on_the_real_learner(stack):
+    from dataclasses import replace
+
+    from innerloop.distributed.questions import load_questions
+    from innerloop.distributed.samples import build_samples, group_by_question, loss_normalizers
+
+    questions = load_questions(stack.cfg.tasks)[0][: stack.cfg.rollout.questions_per_step]
+    samples = build_samples(group_by_question(stack.fleet.generate(questions, stack.cfg.rollout.group_size)),
+                            stack.cfg.algorithm)
+    poisoned = [replace(s, advantage=float("nan")) if i == 0 else s for i, s in enumerate(samples)]
+    before = stack.learner_logprobs()
+    metrics = stack.fleet.update(poisoned, loss_normalizers(poisoned, stack.cfg.algorithm))
+    assert metrics["step_skipped"] == 1.0
+    assert torch.equal(stack.learner_logprobs(), before)  # DeepSpeed skipped it: no weight moved
+    metrics = stack.fleet.update(samples, loss_normalizers(samples, stack.cfg.algorithm))
+    assert metrics["step_skipped"] == 0.0 and math.isfinite(metrics["loss"])
+    assert not torch.equal(stack.learner_logprobs(), before)  # and the next good step applies
+
+
+@pytest.mark.integration
+def test_a_rollout_worker_killed_mid_generation_is_replaced_and_its_questions_redone(stack):
+    import ray
+
+    from innerloop.distributed.config import SamplingConfig
+    from innerloop.distributed.questions import load_questions
+
+    fleet = stack.fleet
+    fleet.sync_weights(7)  # the version a replacement must come back with
+    old = fleet.workers[0]
+    pid = ray.get(old.pid.remote())
+    questions = load_questions(stack.cfg.tasks)[0][:24]
+    long = SamplingConfig(temperature=1.0, max_tokens=400)  # long enough to be killed in the middle
+    started = time.monotonic()
+    _kill_pid_when(lambda: time.monotonic() - started > 1.5, pid)
+    trajectories = fleet.generate(questions, 4, sampling=long)
+
+    assert [t.question_id for t in trajectories] == [q.question_id for q in questions for _ in range(4)]
+    assert fleet.workers[0] is not old
+    events = fleet.drain_events()
+    assert [e["event"] for e in events] == ["rollout_worker_replaced"] and events[0]["policy_version"] == 7
+    assert {t.policy_version for t in trajectories} == {7}
+    # The replacement generates with the learner's current weights, not the model folder's.
+    torch.testing.assert_close(stack.engine_logprobs(), stack.learner_logprobs(), atol=LOGPROB_ATOL, rtol=0)
+
+
+@pytest.mark.integration
+def test_a_learner_killed_mid_run_restarts_from_the_last_checkpoint(stack, tmp_path):
+    import ray
+
+    cfg = load_config(None, [*_overrides(stack.model), "train.steps=4", "eval.before_and_after=false",
+                             "train.export_final_model=false"])
+    run_dir = tmp_path / "run"
+    pid = ray.get(stack.learner.__ray_call__.remote(lambda learner: os.getpid()))
+    old = stack.learner
+    _kill_pid_when(lambda: (run_dir / "checkpoints" / "step-000002" / "manifest.json").exists(), pid)
+    result = Trainer(cfg, run_dir).train(actors=stack.fleet)
+
+    assert result.steps_done == 4
+    assert stack.learner is not old
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    restarts = [r for r in records if r.get("event") == "learners_restarted"]
+    assert len(restarts) == 1 and restarts[0]["step"] == 2
+    assert [r["step"] for r in records if "event" not in r] == [1, 2, 3, 4]
+    consumed = [q for line in (run_dir / "ledger.jsonl").read_text().splitlines() for q in json.loads(line)["questions"]]
+    assert len(consumed) == len(set(consumed)) == 4 * cfg.rollout.questions_per_step
+    # The engines sample with the restarted learners' weights.
+    torch.testing.assert_close(stack.engine_logprobs(), stack.learner_logprobs(), atol=LOGPROB_ATOL, rtol=0)
 
 
 # ---------------------------------------------------------------- the CLI (no Ray started)

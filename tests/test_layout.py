@@ -19,7 +19,8 @@ PACKAGES = ("actors", "learners", "distributed")  # folder name == innerloop.<na
 SOURCES = sorted(p for folder in PACKAGES for p in (ROOT / folder).rglob("*.py"))
 
 # Driver-level modules in distributed/ that may talk to Ray besides placement and fleet.
-RAY_HOMES = {"distributed/placement.py", "distributed/fleet.py", "distributed/driver.py", "distributed/cli.py"}
+RAY_HOMES = {"distributed/placement.py", "distributed/fleet.py", "distributed/driver.py", "distributed/cli.py",
+             "distributed/watchdog.py"}
 
 
 def rel(path: Path) -> str:
