@@ -126,6 +126,16 @@ def _parse_answer(answer: str) -> tuple[Any, ...]:
     return tuple(parse(answer, extraction_config=[ExprExtractionConfig()], parsing_timeout=None))
 
 
+def answer_is_parsable(answer: str) -> bool:
+    """Whether the verifier can read a reference answer at all; one it cannot is never matched."""
+    try:
+        parsed = _parse_answer(answer.strip())
+    except Exception:  # math_verify raises on some malformed LaTeX rather than returning nothing
+        return False
+    # The parse always echoes the input string; only a mathematical object beside it can be compared.
+    return any(not isinstance(form, str) for form in parsed)
+
+
 def answers_match(predicted: str, reference: str) -> bool:
     """True when the predicted answer equals the reference numerically or symbolically."""
     gold, target = _parse_answer(reference.strip()), _parse_answer(predicted.strip())

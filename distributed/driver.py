@@ -28,6 +28,9 @@ from innerloop.distributed.tracking import RunDir
 
 log = logging.getLogger(__name__)
 
+# Reward kinds that score by comparing the completion's answer with the reference via the verifier.
+VERIFIER_REWARDS = ("correctness", "four_way", "correct_plus_format")
+
 
 @dataclass(frozen=True)
 class TrainResult:
@@ -256,7 +259,7 @@ def check_inputs(cfg: Config):
     except RewardConfigError as exc:
         raise ConfigError(f"reward: {exc}") from None
     try:
-        return load_questions(cfg.tasks)
+        return load_questions(cfg.tasks, verify_answers=cfg.reward.kind in VERIFIER_REWARDS)
     except (ValueError, FileNotFoundError) as exc:
         raise ConfigError(f"tasks: {exc}") from None
 

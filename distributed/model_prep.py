@@ -335,8 +335,27 @@ def validate_model_dir(folder: Path) -> None:
             f"{folder} is not a Hugging Face model folder: it lacks {' and '.join(problems)}. "
             f"It holds: {present or 'nothing'}. Use save_pretrained output, or the alias {DEFAULT_MODEL_ALIAS!r}."
         )
+    _check_causal_lm(folder)
     if not any((folder / name).is_file() for name in _TOKENIZER_FILES):
         log.warning("%s has no tokenizer files (%s); pass a tokenizer separately", folder, ", ".join(_TOKENIZER_FILES))
+
+
+def _check_causal_lm(folder: Path) -> None:
+    """A config.json that is unreadable, or names a model that does not generate text, fails here,
+    before any engine starts, instead of deep inside vLLM or DeepSpeed."""
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise ModelPrepError(f"{folder / 'config.json'} is not readable JSON ({exc}); the folder is damaged: "
+                             "save the model again with save_pretrained") from None
+    if not isinstance(config, dict) or "model_type" not in config:
+        raise ModelPrepError(f"{folder / 'config.json'} has no model_type: it is not a Hugging Face model config")
+    architectures = config.get("architectures") or []
+    if architectures and not any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures):
+        raise ModelPrepError(
+            f"{folder} holds a {', '.join(architectures)}, which does not generate text; innerloop trains "
+            "causal language models (architectures ending in ForCausalLM), e.g. the default "
+            f"{DEFAULT_MODEL_ALIAS!r}")
 
 
 def resolve_model(name_or_path: str) -> str:

@@ -12,19 +12,41 @@ from innerloop.distributed.records import Question
 log = logging.getLogger(__name__)
 
 
-def load_questions(cfg: TaskConfig) -> tuple[list[Question], list[Question]]:
-    """(training, held-out evaluation) questions; the two never share an id or a prompt."""
+def load_questions(cfg: TaskConfig, verify_answers: bool = False) -> tuple[list[Question], list[Question]]:
+    """(training, held-out evaluation) questions; the two never share an id or a prompt.
+
+    `verify_answers`: the reward compares answers with the math verifier, so a dataset question
+    whose reference answer it cannot parse (it could never be solved) is skipped and counted, or
+    stops the load under tasks.on_bad_row=fail.
+    """
     if cfg.source == "synthetic":
         return tasks.generate_train_eval(cfg.kind, cfg.train_count, cfg.eval_count, cfg.seed, cfg.difficulty)
     loaded = tasks.load_dataset_questions(cfg.path, cfg.question_field, cfg.answer_field,
                                           id_field=cfg.id_field, on_bad_row=cfg.on_bad_row)
     if loaded.skipped:
         log.warning("skipped %d dataset rows of %s: %s", loaded.skipped, cfg.path, loaded.skip_reasons)
-    train, held_out = tasks.split_train_eval(loaded.questions, cfg.eval_count, cfg.seed)
+    questions = _with_parsable_answers(loaded.questions, cfg) if verify_answers else loaded.questions
+    train, held_out = tasks.split_train_eval(questions, cfg.eval_count, cfg.seed)
     if not train:
         raise ValueError(f"no training questions left after holding out {cfg.eval_count} for evaluation; "
                          "lower tasks.eval_count or add questions")
     return train, held_out
+
+
+def _with_parsable_answers(questions: list[Question], cfg: TaskConfig) -> list[Question]:
+    from innerloop.actors.rewards import answer_is_parsable
+
+    bad = [q for q in questions if not answer_is_parsable(q.answer)]
+    if not bad:
+        return questions
+    example = f"question {bad[0].question_id} has answer {bad[0].answer!r}"
+    if cfg.on_bad_row == "fail":
+        raise ValueError(f"{cfg.path}: the math verifier cannot parse {len(bad)} reference answers ({example}); "
+                         "fix those rows, set tasks.on_bad_row=skip to skip them, or use a custom reward")
+    log.warning("%s: skipped %d questions whose reference answer the math verifier cannot parse (%s)",
+                cfg.path, len(bad), example)
+    unreadable = {q.question_id for q in bad}
+    return [q for q in questions if q.question_id not in unreadable]
 
 
 class QuestionStream:

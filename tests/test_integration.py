@@ -139,8 +139,8 @@ def recording_generate(fleet):
     calls: list[GenerateCall] = []
     real = fleet.generate
 
-    def spy(questions, samples_per_question, sampling=None):
-        out = real(questions, samples_per_question, sampling)
+    def spy(questions, samples_per_question, sampling=None, seed=None):
+        out = real(questions, samples_per_question, sampling, seed)
         calls.append(GenerateCall(len(questions), samples_per_question, sampling is not None, out))
         return out
 
@@ -494,6 +494,7 @@ def test_a_nonfinite_loss_skips_the_step_on_the_real_learner(stack):
 
 @pytest.mark.integration
 def test_a_rollout_worker_killed_mid_generation_is_replaced_and_its_questions_redone(stack):
+    import psutil
     import ray
 
     from innerloop.distributed.config import SamplingConfig
@@ -503,6 +504,8 @@ def test_a_rollout_worker_killed_mid_generation_is_replaced_and_its_questions_re
     fleet.sync_weights(7)  # the version a replacement must come back with
     old = fleet.workers[0]
     pid = ray.get(old.pid.remote())
+    engine_processes = psutil.Process(pid).children(recursive=True)  # vLLM's engine core, the scorer
+    assert engine_processes
     questions = load_questions(stack.cfg.tasks)[0][:24]
     long = SamplingConfig(temperature=1.0, max_tokens=400)  # long enough to be killed in the middle
     started = time.monotonic()
@@ -514,6 +517,8 @@ def test_a_rollout_worker_killed_mid_generation_is_replaced_and_its_questions_re
     events = fleet.drain_events()
     assert [e["event"] for e in events] == ["rollout_worker_replaced"] and events[0]["policy_version"] == 7
     assert {t.policy_version for t in trajectories} == {7}
+    _, alive = psutil.wait_procs(engine_processes, timeout=30)
+    assert not alive, f"the killed worker's processes live on: {alive}"
     # The replacement generates with the learner's current weights, not the model folder's.
     torch.testing.assert_close(stack.engine_logprobs(), stack.learner_logprobs(), atol=LOGPROB_ATOL, rtol=0)
 

@@ -203,8 +203,11 @@ def test_alias_prepares_the_default(monkeypatch, tmp_path):
     assert mp.resolve_model("  SmolLM2-135M-Instruct ") == str(tmp_path / "m")
 
 
+LLAMA_CONFIG = '{"model_type": "llama", "architectures": ["LlamaForCausalLM"]}'
+
+
 def test_existing_model_folder_is_returned(tmp_path):
-    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "config.json").write_text(LLAMA_CONFIG)
     (tmp_path / "model.safetensors").write_bytes(b"")
     (tmp_path / "tokenizer.json").write_text("{}")
     assert mp.resolve_model(str(tmp_path)) == str(tmp_path.absolute())
@@ -253,3 +256,15 @@ def test_leftovers_of_a_killed_conversion_are_removed(fake_conversion, tmp_path)
     (stale / "model.safetensors").write_bytes(b"partial")
     mp.prepare_default_model(tmp_path / "model")
     assert not stale.exists()
+
+
+@pytest.mark.parametrize("config, message", [
+    ("{not json", "not readable JSON"),
+    ("{}", "no model_type"),
+    ('{"model_type": "bert", "architectures": ["BertForSequenceClassification"]}', "does not generate text"),
+])
+def test_an_incompatible_model_folder_fails_before_any_engine_starts(tmp_path, config, message):
+    (tmp_path / "config.json").write_text(config)
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    with pytest.raises(mp.ModelPrepError, match=message):
+        mp.resolve_model(str(tmp_path))

@@ -108,10 +108,10 @@ CHILD = """
 import sys, time
 from innerloop.distributed.watchdog import install_stack_dump
 def stall_in_the_child():
+    print("ready", flush=True)  # from inside: a dump after "ready" must show this frame
     while True:
         time.sleep(0.05)
 install_stack_dump()
-print("ready", flush=True)
 stall_in_the_child()
 """
 

@@ -1,0 +1,64 @@
+"""Bad input fails clearly, in the user's terms, and loses nothing: the cases not covered elsewhere.
+
+Where each bad-input case is tested:
+- malformed or partial config: here, and tests/test_config.py (unknown keys, wrong types, bad YAML);
+- dataset rows missing fields: tests/test_tasks.py; unparsable reference answers: here;
+- reward functions that raise or hang: tests/test_rewards.py (the guarded scorer);
+- NaN/inf loss or gradients: tests/test_recovery.py (driver), tests/test_integration.py (real learner);
+- disk full during a checkpoint: tests/test_checkpoints.py;
+- a missing or incompatible model folder: tests/test_model_prep.py.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from innerloop.distributed.config import ConfigError, load_config
+from innerloop.distributed.driver import check_inputs
+
+
+def test_a_config_file_cut_off_mid_write_fails_naming_the_file(tmp_path):
+    path = tmp_path / "exp.yaml"
+    path.write_text("rollout:\n  temperature: 0.8\n  group_size: [8,\n")  # truncated inside a list
+    with pytest.raises(ConfigError, match=r"exp.yaml is not valid YAML"):
+        load_config(path)
+
+
+def test_a_partial_config_fills_the_rest_from_the_defaults(tmp_path):
+    path = tmp_path / "exp.yaml"
+    path.write_text("rollout:\n  temperature: 0.8\n")
+    cfg = load_config(path)
+    assert cfg.rollout.temperature == 0.8
+    assert cfg.learner == load_config().learner
+
+
+def _dataset(tmp_path, answers):
+    path = tmp_path / "data.jsonl"
+    path.write_text("".join(json.dumps({"question": f"q{i}?", "answer": a}) + "\n" for i, a in enumerate(answers)))
+    return path
+
+
+def test_unparsable_reference_answers_are_skipped_and_counted(tmp_path, caplog):
+    answers = ["42", "\\frac{1}{2}", "}{", "7", "3.5"]
+    cfg = load_config(None, ["tasks.source=dataset", f"tasks.path={_dataset(tmp_path, answers)}",
+                             "tasks.eval_count=1"])
+    train, held_out = check_inputs(cfg)
+    kept = {q.answer for q in train + held_out}
+    assert kept == {"42", "\\frac{1}{2}", "7", "3.5"}
+    assert "skipped 1 questions whose reference answer the math verifier cannot parse" in caplog.text
+
+
+def test_unparsable_reference_answers_stop_the_load_in_fail_mode(tmp_path):
+    cfg = load_config(None, ["tasks.source=dataset", f"tasks.path={_dataset(tmp_path, ['42', '}{'])}",
+                             "tasks.eval_count=1", "tasks.on_bad_row=fail"])
+    with pytest.raises(ConfigError, match=r"cannot parse 1 reference answers.*on_bad_row=skip"):
+        check_inputs(cfg)
+
+
+def test_a_custom_reward_takes_answers_the_verifier_cannot_read(tmp_path):
+    cfg = load_config(None, ["tasks.source=dataset", f"tasks.path={_dataset(tmp_path, ['42', '}{', 'blue'])}",
+                             "tasks.eval_count=1", "reward.kind=custom", "reward.custom=tests.doubles:length_reward"])
+    train, held_out = check_inputs(cfg)
+    assert len(train + held_out) == 3
