@@ -38,6 +38,7 @@ class RolloutWorker:
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
         # vLLM's CPU backend drops to one thread unless OMP_NUM_THREADS says otherwise.
         os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if rollout.engine_in_process else "1"
         from vllm import LLM
 
         from innerloop.actors.rewards import build_reward_fn

@@ -62,6 +62,11 @@ def _parser() -> argparse.ArgumentParser:
     _add_overrides(evaluate)
     evaluate.set_defaults(handler=_eval)
 
+    listing = commands.add_parser("checkpoints", help="list a run's checkpoints: step, metric, best, verified")
+    listing.add_argument("run_dir", help="the run directory")
+    listing.add_argument("--verify", action="store_true", help="check every file against the manifest's checksums")
+    listing.set_defaults(handler=_checkpoints)
+
     prepare = commands.add_parser("prepare-model", help="convert and cache the default demo model")
     prepare.add_argument("--force", action="store_true", help="rebuild the cached folder")
     prepare.set_defaults(handler=_prepare)
@@ -138,6 +143,27 @@ def _eval(args) -> int:
     print(f"held-out accuracy of {args.model}: {100 * report.accuracy:.1f}% "
           f"({report.correct}/{report.questions}; {100 * report.formatted:.1f}% formatted)")
     return 0
+
+
+def _checkpoints(args) -> int:
+    from innerloop.distributed import checkpoints
+
+    root = Path(args.run_dir) / "checkpoints"
+    found = checkpoints.list_checkpoints(root)
+    if not found:
+        print(f"no complete checkpoint in {root}")
+        return 1
+    best = checkpoints.best(root)
+    damaged = 0
+    for info in found:
+        metric = "-" if info.metric is None else f"{info.metric:.4g}"
+        notes = ["best"] if info.path == best else []
+        if args.verify:
+            problems = checkpoints.verify(info.path)
+            damaged += bool(problems)
+            notes.append("DAMAGED: " + "; ".join(problems) if problems else "verified")
+        print(f"{info.path.name}  metric {metric:>8}  {' '.join(notes)}")
+    return 1 if damaged else 0
 
 
 def _prepare(args) -> int:

@@ -112,3 +112,57 @@ def test_resume_continues_the_ledger_and_the_sampling_seeds(tmp_path):
 def _as_overrides(cfg) -> list[str]:
     return [f"train.{k}={v}" for k, v in cfg.train.model_dump().items() if k != "steps"] + [
         "eval.before_and_after=false", "tasks.train_count=100", "tasks.eval_count=8"]
+
+
+def test_cli_lists_checkpoints_marks_the_best_and_flags_a_damaged_one(tmp_path, capsys):
+    from innerloop.distributed import cli
+
+    cfg = config("train.keep_checkpoints=5", "train.keep_best=1", "train.best_metric=applied_updates",
+                 "train.best_mode=min")
+    Trainer(cfg, tmp_path / "run").train(FakeFleet(cfg))
+    assert cli.main(["checkpoints", str(tmp_path / "run"), "--verify"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines] == ["step-000002", "step-000004", "step-000006"]
+    assert "best" in lines[0] and all("verified" in line for line in lines)
+    (tmp_path / "run" / "checkpoints" / "step-000004" / "deepspeed" / "state.txt").write_text("99")
+    assert cli.main(["checkpoints", str(tmp_path / "run"), "--verify"]) == 1
+    assert "DAMAGED" in capsys.readouterr().out
+
+
+def test_resume_skips_a_damaged_newest_checkpoint_and_still_consumes_each_question_once(tmp_path):
+    cfg = config("train.keep_checkpoints=3", "train.keep_best=0")
+    Trainer(cfg, tmp_path / "run").train(FakeFleet(cfg))
+    (tmp_path / "run" / "checkpoints" / "step-000006" / "state.json").write_text("{}")  # torn by a crash
+    longer = load_config(None, [*_as_overrides(cfg), "train.steps=8"])
+    Trainer(longer, tmp_path / "plain").train(FakeFleet(longer))
+    fleet = FakeFleet(longer)
+    Trainer(longer, tmp_path / "run", resume=True).train(fleet)
+    assert fleet.applied == 8  # 4 from step-000004, then steps 5..8
+    assert ledger_steps(tmp_path / "run") == ledger_steps(tmp_path / "plain")
+
+
+def test_cli_offers_to_resume_a_run_dir_with_a_checkpoint_at_a_terminal(tmp_path, monkeypatch):
+    from innerloop.distributed import cli, driver
+
+    cfg = config()
+    Trainer(cfg, tmp_path / "run").train(FakeFleet(cfg))
+    started = []
+
+    class Recorded:
+        def __init__(self, cfg, run_dir, address=None, resume=False):
+            started.append((cfg.train.steps, resume))
+
+        def train(self):
+            from innerloop.distributed.driver import TrainResult
+
+            return TrainResult(6, None, None, None, 0.0)
+
+    monkeypatch.setattr(driver, "Trainer", Recorded)
+    monkeypatch.setattr("sys.stdin.isatty", lambda: True)
+    monkeypatch.setattr("builtins.input", lambda prompt: "")
+    assert cli.main(["train", "--run-dir", str(tmp_path / "run")]) == 0
+    assert cli.main(["train", "--resume", str(tmp_path / "run")]) == 0
+    # Both resumed, with the run's own config.yaml (its 6 steps, not the embedded demo's 40).
+    assert started == [(6, True), (6, True)]
+    monkeypatch.setattr("builtins.input", lambda prompt: "n")
+    assert cli.main(["train", "--run-dir", str(tmp_path / "run")]) == 2
