@@ -213,10 +213,12 @@ class Trainer:
             config_fingerprint=self.cfg.fingerprint(), rng={"python": random.getstate()},
             metric=self._last_metric,
             extra={"watchdog": actors.watchdog.state(), "nonfinite_steps": self._nonfinite_steps})
-        train = self.cfg.train
+        train, started = self.cfg.train, time.perf_counter()
         path = checkpoints.save(self.run.checkpoints, state, actors, keep=train.keep_checkpoints,
                                 keep_best=train.keep_best, best_mode=train.best_mode)
-        log.info("checkpoint written: %s", path)
+        seconds = time.perf_counter() - started
+        self.run.log({"event": "checkpoint", "path": path.name, "seconds": round(seconds, 2)}, step)
+        log.info("checkpoint written in %.1f s: %s", seconds, path)
 
     def _export(self, actors: "fleet.Fleet", step: int) -> Path | None:
         if not self.cfg.train.export_final_model:
