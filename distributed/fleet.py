@@ -13,6 +13,7 @@ import ray
 
 from innerloop.actors.rollout import RolloutWorker
 from innerloop.distributed.config import Config, SamplingConfig
+from innerloop.distributed.errors import RunStopped
 from innerloop.distributed.placement import Placement, free_port, remote_class, start_ray
 from innerloop.distributed.records import Question, Trajectory, TrainingSample
 from innerloop.distributed.watchdog import Watchdog
@@ -27,7 +28,7 @@ class LearnerLost(RuntimeError):
     """A learner rank's process died: the ranks' shared state is gone, so all must restart."""
 
 
-class WorkersLost(RuntimeError):
+class WorkersLost(RunStopped):
     """Rollout workers died more often than recovery.max_worker_restarts allows."""
 
 
@@ -125,10 +126,14 @@ class Fleet:
         """Every rollout engine gets exactly the learner's current weights, tagged `version`."""
         started = time.perf_counter()
         blobs = [l.weights_blob.remote() for l in self.learners]  # all ranks: ZeRO-3 gathers together
-        self._learner_call(blobs, "sync", "gathering the weights for the rollout workers")
-        self._weights = (version, blobs[0])
+        # The workers take rank 0's blob straight from the object store: it never passes the driver.
         loads = {i: w.load_weights.remote(blobs[0], version) for i, w in enumerate(self.workers)}
+        self.watchdog.settle(blobs + list(loads.values()), "sync", "the weight sync")
+        self._learner_call(blobs[1:], "sync", "gathering the weights")  # other ranks return None
         _, lost = self._settle(loads, "sync", "the weight sync")
+        if lost:  # a load also fails when rank 0 died making the blob: that is the learner's loss
+            self._learner_call([l.ready.remote() for l in self.learners], "sync", "checking the learners")
+        self._weights = (version, blobs[0])
         for i in lost:
             self._replace_worker(i)  # a replacement loads these same weights before it is used
         return time.perf_counter() - started

@@ -40,6 +40,7 @@ from ray.exceptions import GetTimeoutError, RayError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from innerloop.distributed.config import WatchdogConfig
+from innerloop.distributed.errors import RunStopped
 from innerloop.distributed.placement import remote_function
 
 log = logging.getLogger(__name__)
@@ -62,7 +63,7 @@ Locations = dict[str, tuple[str, int]]
 _stack_file: IO[str] | None = None
 
 
-class PhaseStalled(RuntimeError):
+class PhaseStalled(RunStopped):
     """A phase overran its deadline; the message says why the deadline was what it was, where the
     stacks of every process are, and what to change if the phase is legitimately that slow."""
 

@@ -314,7 +314,8 @@ def test_run_directory_holds_config_metrics_and_tensorboard(trained):
     assert yaml.safe_load(text) == trained.cfg.model_dump(mode="json")
 
     records = trained.records()
-    assert [r.get("event") for r in records] == ["eval_before", None, None, "eval_after", "done"]
+    assert [r.get("event") for r in records] == ["eval_before", None, "checkpoint", None, "checkpoint", "eval_after",
+                                                 "done"]
     evals = [r for r in records if str(r.get("event", "")).startswith("eval_")]
     assert [r["step"] for r in evals] == [0, 2]
     for r in evals:
@@ -383,7 +384,7 @@ def test_resume_restores_the_checkpoint_and_continues_the_step_count(resumed):
     new = [json.loads(line) for line in (resumed.run_dir / "metrics.jsonl").read_text().splitlines()]
     new = new[resumed.records_before:]
     # No held-out eval "before" on a resumed run; one step (3), then the eval "after".
-    assert [r.get("event") for r in new] == [None, "eval_after", "done"]
+    assert [r.get("event") for r in new] == [None, "checkpoint", "eval_after", "done"]
     assert (new[0]["step"], new[0]["policy_version"]) == (3, 3)
     assert new[0]["sampler_logprob_gap"] < LOGPROB_ATOL  # the engine sampled with the restored weights
     train_calls = [c for c in resumed.calls if not c.is_eval]
