@@ -109,6 +109,29 @@ def ray_remote_uses(path: Path) -> list[int]:
     return lines
 
 
+def unbounded_ray_waits(path: Path) -> list[int]:
+    """Lines calling ray.get or ray.wait without a `timeout=` keyword."""
+    lines = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in ("get", "wait")
+                and isinstance(node.func.value, ast.Name) and node.func.value.id == "ray"
+                and not any(k.arg == "timeout" for k in node.keywords)):
+            lines.append(node.lineno)
+    return lines
+
+
+def test_unbounded_ray_waits_are_found(tmp_path):
+    source = tmp_path / "m.py"
+    source.write_text("import ray\nray.get(x)\nray.get(x, timeout=1)\nray.wait(xs, timeout=t)\nray.wait(xs)\n")
+    assert unbounded_ray_waits(source) == [2, 5]
+
+
+def test_no_remote_call_is_waited_on_without_a_bound():
+    """A hung actor must end in a clear error, never in a job that hangs: every wait has a timeout."""
+    unbounded = {rel(p): lines for p in SOURCES if (lines := unbounded_ray_waits(p))}
+    assert not unbounded, f"ray.get/ray.wait without timeout=: {unbounded}"
+
+
 def test_ray_remote_only_in_placement():
     uses = {rel(p): ray_remote_uses(p) for p in SOURCES}
     assert uses["distributed/placement.py"], "placement.py is ray.remote's home but no longer uses it"
