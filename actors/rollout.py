@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from innerloop.distributed.config import RewardConfig, RolloutConfig, SamplingConfig
-from innerloop.distributed.records import Question, Trajectory
+from innerloop.distributed.records import Question, Rollout, Trajectory
 from innerloop.distributed.watchdog import install_stack_dump
 
 log = logging.getLogger(__name__)
@@ -91,7 +91,7 @@ class RolloutWorker:
         return self._tokenizer.encode(text, add_special_tokens=False)
 
     def generate(self, questions: list[Question], samples_per_question: int,
-                 sampling: SamplingConfig | None = None, seed: int | None = None) -> list[Trajectory]:
+                 sampling: SamplingConfig | None = None, seed: int | None = None) -> Rollout:
         """G trajectories per question, each scored right after generation.
 
         `seed`: reseed the engine's sampler first, so the same seed, questions and weights give the
@@ -108,11 +108,14 @@ class RolloutWorker:
             logprobs=0,  # 0: the sampled token's own log-prob, no alternatives
         )
         prompts = [self.prompt_ids(q) for q in questions]
+        started = time.perf_counter()
         outputs = self._llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params,
                                      use_tqdm=False)
+        generated = time.perf_counter()
         completions = [(q, p, c) for q, p, out in zip(questions, prompts, outputs) for c in out.outputs]
         results = self._scorer.score([(c.text, q) for q, _, c in completions])
-        return [self._trajectory(q, p, c, r) for (q, p, c), r in zip(completions, results)]
+        trajectories = tuple(self._trajectory(q, p, c, r) for (q, p, c), r in zip(completions, results))
+        return Rollout(trajectories, generated - started, time.perf_counter() - generated)
 
     def _trajectory(self, question, prompt_ids, completion, result) -> Trajectory:
         token_ids = tuple(completion.token_ids)

@@ -164,7 +164,8 @@ class Trainer:
         with timer("sync"):
             actors.sync_weights(step + 1)                                        # weights out, versioned
         return questions, {**_rollout_metrics(groups, trajectories, timer.seconds["generate"]), **update,
-                           **timer.record(), "policy_version": step + 1}
+                           **timer.record(), "time_score": actors.last_rollout_seconds["score"],
+                           "policy_version": step + 1}
 
     def _step_seed(self, step: int) -> int:
         """The sampling seed of a step: fixed by the run's seed and the step, whatever ran before."""

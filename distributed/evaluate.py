@@ -32,7 +32,7 @@ def evaluate_model(cfg: Config, model: str) -> EvalReport:
     worker = RolloutWorker(model_path, cfg.model.dtype, cfg.rollout, cfg.reward, cfg.tasks.system_prompt,
                            cfg.tasks.prompt_template, cfg.train.seed)
     try:
-        trajectories = worker.generate(held_out, 1, sampling=cfg.eval)
+        trajectories = worker.generate(held_out, 1, sampling=cfg.eval).trajectories
     finally:
         worker.close()
     n = max(1, len(trajectories))

@@ -44,6 +44,7 @@ class Fleet:
         self.worker_restarts = 0
         self.events: list[dict] = []  # what happened to the actors since the driver last looked
         self._weights = None  # (version, object ref of rank 0's blob): what a replacement worker loads
+        self.last_rollout_seconds = {"engine": 0.0, "score": 0.0}  # of the latest generate call
 
     @classmethod
     def start(cls, cfg: Config, model_path: str, address: str | None = None,
@@ -108,9 +109,12 @@ class Fleet:
                                                          None if seed is None else seed + i)
                      for i, share in shares.items()}
             done, lost = self._settle(calls, phase, "generation")
-            for trajectories in done.values():
-                for t in trajectories:
+            for rollout in done.values():
+                for t in rollout.trajectories:
                     by_question.setdefault(t.question_id, []).append(t)
+            if done:  # the slowest worker sets the pace: its engine and scoring times are the step's
+                self.last_rollout_seconds = {"engine": max(r.engine_seconds for r in done.values()),
+                                             "score": max(r.score_seconds for r in done.values())}
             for i in lost:
                 self._replace_worker(i)
             shares = {i: shares[i] for i in lost}
@@ -231,7 +235,7 @@ def _first_line(exc: BaseException) -> str:
 
 def reduce_update_metrics(per_rank: list[dict[str, float]]) -> dict[str, float]:
     """Additive loss metrics are summed over ranks; the rest are the same on every rank (rank 0's)."""
-    shared = {"grad_norm", "learning_rate", "update_seconds", "step_skipped"}
+    shared = {"grad_norm", "learning_rate", "update_seconds", "reference_seconds", "step_skipped"}
     summed = grpo.sum_metrics([{k: v for k, v in r.items() if k not in shared} for r in per_rank])
     out = grpo.finalize_metrics(summed)
     out["sampler_logprob_gap"] = out.pop("sampler_gap_sum") / max(out["tokens"], 1.0)

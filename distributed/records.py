@@ -1,6 +1,6 @@
 """The typed, frozen records that cross process boundaries.
 
-question (driver -> rollout worker) -> trajectory (rollout worker -> driver)
+question (driver -> rollout worker) -> rollout of trajectories (rollout worker -> driver)
 -> training sample (driver -> learner) -> update metrics (learner -> driver).
 
 Each field has one meaning for its whole life: a `reward` is never reused as an advantage.
@@ -47,6 +47,15 @@ class Trajectory:
     formatted: bool
     policy_version: int  # the weights version that generated this trajectory
     reward_error: str = ""
+
+
+@dataclass(frozen=True)
+class Rollout:
+    """What one rollout worker returns for its share of a step's questions."""
+
+    trajectories: tuple[Trajectory, ...]  # G per question, in question order
+    engine_seconds: float  # vLLM generation
+    score_seconds: float  # the reward function over every completion
 
 
 @dataclass(frozen=True)

@@ -123,6 +123,7 @@ class Learner:
         pieces = []
         learning_rate = float(self.engine.get_lr()[0])  # the rate this step uses, before the schedule moves
         self.engine.train()
+        self._reference_seconds = 0.0
         finite = True
         for chunk in mine:
             loss, metrics = self._micro_batch_loss(collate(chunk, self._pad_id), normalizers)
@@ -144,6 +145,7 @@ class Learner:
         sums["grad_norm"] = grad_norm
         sums["learning_rate"] = learning_rate
         sums["update_seconds"] = time.perf_counter() - started
+        sums["reference_seconds"] = self._reference_seconds  # inside update_seconds; 0 without KL
         return sums
 
     def _micro_batch_loss(self, batch, normalizers: grpo.LossNormalizers):
@@ -153,7 +155,11 @@ class Learner:
         with torch.no_grad():  # entropy as a metric needs no graph: that would double the logits' memory
             entropy = entropy_from_logits(logits.detach(), temperature=self._temperature)
         del logits
-        ref_logprobs = self._reference_logprobs(batch) if self._reference is not None else None
+        ref_logprobs = None
+        if self._reference is not None:
+            started = time.perf_counter()
+            ref_logprobs = self._reference_logprobs(batch)
+            self._reference_seconds += time.perf_counter() - started
         # One optimizer step per batch of fresh rollouts: the policy that sampled is the one being
         # updated, so the old log-probs are the current ones, detached (ratio 1, clip inactive).
         loss, metrics = grpo.grpo_loss(

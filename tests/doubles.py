@@ -25,6 +25,7 @@ class FakeFleet:
         self.update_calls, self.applied, self.restarts = 0, 0, 0
         self.synced: list[int] = []
         self.seeds: list[int | None] = []
+        self.last_rollout_seconds = {"engine": 0.0, "score": 0.0}
 
     def generate(self, questions, samples_per_question, sampling=None, seed=None):
         from innerloop.distributed.records import Trajectory
