@@ -97,17 +97,27 @@ class MemorySampler:
 
 
 def _tree_rss() -> dict[str, float]:
-    """'name pid' -> RSS in MiB, for this process and every process under it."""
+    """'role pid' -> RSS in MiB, for this process and every process under it."""
     import psutil
 
     root = psutil.Process()
     found = {}
     for process in [root, *root.children(recursive=True)]:
         try:
-            found[f"{process.name()} {process.pid}"] = round(process.memory_info().rss / 2**20, 1)
+            found[f"{_role(process, root)} {process.pid}"] = round(process.memory_info().rss / 2**20, 1)
         except psutil.Error:  # ended between the listing and the read
             continue
     return found
+
+
+def _role(process, root) -> str:
+    """A stable name: Ray retitles an actor's process with the method it runs ("ray::Learner.update")."""
+    if process.pid == root.pid:
+        return "driver"
+    title = (process.cmdline() or [process.name()])[0]
+    if title.startswith("ray::"):
+        return title.split(".")[0].split()[0]
+    return process.name()
 
 
 def summarize(samples: list[dict], warmup_step: int, bound_mib: float) -> dict:
