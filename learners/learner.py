@@ -149,12 +149,15 @@ class Learner:
         return sums
 
     def _micro_batch_loss(self, batch, normalizers: grpo.LossNormalizers):
-        logits = self.engine(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-        logprobs = token_logprobs(logits, batch.input_ids, temperature=self._temperature)
+        start = _first_predicting_position(batch.loss_mask)
+        logits = self._tail_logits(self.engine, batch, start)
+        logprobs = _left_pad(token_logprobs(logits, batch.input_ids[:, start:], temperature=self._temperature), start)
         algo = self._algo
-        with torch.no_grad():  # entropy as a metric needs no graph: that would double the logits' memory
-            entropy = entropy_from_logits(logits.detach(), temperature=self._temperature)
-        del logits
+        # Entropy as a metric needs no graph (that would double the logits' memory); as a loss term it does.
+        with torch.set_grad_enabled(algo.entropy_coef != 0.0):
+            source = logits if algo.entropy_coef != 0.0 else logits.detach()
+            entropy = _left_pad(entropy_from_logits(source, temperature=self._temperature), start)
+        del logits, source
         ref_logprobs = None
         if self._reference is not None:
             started = time.perf_counter()
@@ -173,10 +176,18 @@ class Learner:
         metrics["sampler_gap_sum"] = (logprobs.detach() - batch.sampler_logprobs).abs()[mask].sum().double()
         return loss, metrics
 
+    @staticmethod
+    def _tail_logits(model, batch, start: int) -> torch.Tensor:
+        """Logits from position `start` on only: the LM head, the largest matmul of a small model,
+        and the log-softmax passes skip the prompt positions no loss is taken at."""
+        keep = batch.input_ids.shape[1] - start
+        return model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, logits_to_keep=keep).logits
+
     @torch.no_grad()
     def _reference_logprobs(self, batch) -> torch.Tensor:
-        logits = self._reference(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-        return token_logprobs(logits, batch.input_ids, temperature=self._temperature)
+        start = _first_predicting_position(batch.loss_mask)
+        logits = self._tail_logits(self._reference, batch, start)
+        return _left_pad(token_logprobs(logits, batch.input_ids[:, start:], temperature=self._temperature), start)
 
     @torch.no_grad()
     def sequence_logprobs(self, token_ids: list[int]) -> list[float]:
@@ -240,3 +251,14 @@ class Learner:
         if rng:
             torch.set_rng_state(rng["torch"])
             random.setstate(rng["python"])
+
+
+def _first_predicting_position(loss_mask: torch.Tensor) -> int:
+    """The last prompt position of the row whose completion starts first: from there on, logits
+    predict tokens that carry loss. (A row without loss tokens gives 0: everything is kept.)"""
+    return max(0, int(loss_mask.argmax(dim=1).min()) - 1)
+
+
+def _left_pad(values: torch.Tensor, start: int) -> torch.Tensor:
+    """[B, T - start] per-position values back to [B, T], zero before `start` (prompt positions)."""
+    return torch.nn.functional.pad(values, (start, 0))

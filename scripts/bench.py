@@ -94,7 +94,7 @@ def bench_rollout(args) -> dict:
     runs = []
     for rep in range(args.reps):
         started = time.perf_counter()
-        trajectories = worker.generate(questions, args.group_size, seed=rep)
+        trajectories = worker.generate(questions, args.group_size, seed=rep).trajectories
         ours_s = time.perf_counter() - started
         ours_tokens = sum(len(t.completion_ids) for t in trajectories)
         theirs_tokens, theirs_s = _hf_generate(hf, prompts, worker._tokenizer, cfg, args, seed=rep)
@@ -145,7 +145,8 @@ def bench_learner(args) -> dict:
 
     cfg, model_path, questions = _demo_setup(args)
     worker = _rollout_worker(cfg, model_path)
-    samples = build_samples(group_by_question(worker.generate(questions, args.group_size, seed=0)), cfg.algorithm)
+    rollout = worker.generate(questions, args.group_size, seed=0)
+    samples = build_samples(group_by_question(list(rollout.trajectories)), cfg.algorithm)
     worker.close()
     normalizers = loss_normalizers(samples, cfg.algorithm)
     tokens = sum(len(s.input_ids) for s in samples)
