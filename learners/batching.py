@@ -21,6 +21,10 @@ class MicroBatch:
     advantages: torch.Tensor  # [B] float
     update_mask: torch.Tensor  # [B] bool, False: no policy-gradient term
 
+    def to(self, device: torch.device | str) -> "MicroBatch":
+        """The same batch on `device` (the learner's GPU); a no-op where it already is."""
+        return MicroBatch(**{name: getattr(self, name).to(device) for name in self.__dataclass_fields__})
+
 
 def collate(samples: list[TrainingSample], pad_id: int) -> MicroBatch:
     """Right-pad to the longest sample in this micro-batch (not the whole batch: less waste)."""

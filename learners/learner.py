@@ -94,7 +94,7 @@ class Learner:
         return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / (warmup + 1)))
 
     def _load_reference(self, model_path: str):
-        model = self._load_model(model_path).eval()
+        model = self._load_model(model_path).eval().to(self.engine.device)
         for param in model.parameters():
             param.requires_grad_(False)
         return model
@@ -126,7 +126,8 @@ class Learner:
         self._reference_seconds = 0.0
         finite = True
         for chunk in mine:
-            loss, metrics = self._micro_batch_loss(collate(chunk, self._pad_id), normalizers)
+            batch = collate(chunk, self._pad_id).to(self.engine.device)
+            loss, metrics = self._micro_batch_loss(batch, normalizers)
             finite = finite and bool(torch.isfinite(loss))
             # A non-finite loss is still backpropagated: every rank must take part in the gradient
             # reduction, and DeepSpeed's overflow check then skips the step on all ranks together.
@@ -192,7 +193,7 @@ class Learner:
     @torch.no_grad()
     def sequence_logprobs(self, token_ids: list[int]) -> list[float]:
         """The learner's log-prob of each token of a fixed sequence given its prefix (first is 0)."""
-        ids = torch.tensor([token_ids])
+        ids = torch.tensor([token_ids], device=self.engine.device)
         self.engine.eval()
         logits = self.engine(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
         return token_logprobs(logits, ids)[0].tolist()

@@ -31,7 +31,7 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     result = BENCHES[args.bench](args)
     result["command"] = " ".join(["scripts/bench.py", *sys.argv[1:]])
-    result["machine"] = _machine()
+    result["machine"] = _machine(args)
     (out / f"{args.bench}.json").write_text(json.dumps(result, indent=1))
     print(json.dumps({k: v for k, v in result.items() if k != "runs"}, indent=1))
     return 0
@@ -46,17 +46,36 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--steps", type=int, default=8, help="steps of the `step` benchmark")
     parser.add_argument("--kl-coef", type=float, default=0.0, help="`step`: > 0 adds the reference model")
+    parser.add_argument("--gpu", action="store_true",
+                        help="one GPU shared by the learner and the rollout engine (needs the gpu extra)")
     parser.add_argument("--out", default="runs/bench")
     return parser
 
 
-def _machine() -> dict:
+# One GPU, shared: the engine takes a third of its memory, the learner the rest.
+GPU_OVERRIDES = ["rollout.gpus_per_worker=0.5", "learner.gpus_per_rank=0.5", "rollout.kv_cache_gib=null",
+                 "rollout.memory_fraction=0.3", "rollout.enforce_eager=false"]
+
+
+def _overrides(args) -> list[str]:
+    return GPU_OVERRIDES if args.gpu else []
+
+
+def _device(args) -> str:
+    return "cuda" if args.gpu else "cpu"
+
+
+def _machine(args) -> dict:
     import platform
 
     import psutil
+    import torch
 
-    return {"cpus": os.cpu_count(), "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
-            "processor": platform.processor() or platform.machine(), "python": platform.python_version()}
+    machine = {"cpus": os.cpu_count(), "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
+               "processor": platform.processor() or platform.machine(), "python": platform.python_version()}
+    if args.gpu:
+        machine["gpu"] = torch.cuda.get_device_name(0)
+    return machine
 
 
 def _median_runs(runs: list[dict], key: str) -> float:
@@ -69,7 +88,7 @@ def _demo_setup(args, extra: list[str] = ()):
     from innerloop.distributed.questions import load_questions
 
     cfg = load_config(None, [f"rollout.max_tokens={args.max_tokens}", f"rollout.group_size={args.group_size}",
-                             f"rollout.questions_per_step={args.questions}", *extra])
+                             f"rollout.questions_per_step={args.questions}", *_overrides(args), *extra])
     return cfg, resolve_model(cfg.model.name), load_questions(cfg.tasks)[0][: args.questions]
 
 
@@ -91,6 +110,7 @@ def bench_rollout(args) -> dict:
     worker = _rollout_worker(cfg, model_path)
     prompts = [worker.prompt_ids(q) for q in questions]
     hf = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, cfg.model.dtype)).eval()
+    hf.to(_device(args))
     runs = []
     for rep in range(args.reps):
         started = time.perf_counter()
@@ -114,8 +134,8 @@ def _hf_generate(model, prompts: list[list[int]], tokenizer, cfg, args, seed: in
 
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     width = max(len(p) for p in prompts)
-    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=model.device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=model.device)
     torch.manual_seed(seed)
     started = time.perf_counter()
     with torch.no_grad():
@@ -152,7 +172,7 @@ def bench_learner(args) -> dict:
     tokens = sum(len(s.input_ids) for s in samples)
     ours = Learner(model_path, cfg.model.dtype, cfg.learner, cfg.algorithm, cfg.rollout.temperature, 0, 1,
                    "127.0.0.1", free_port(), cfg.train.seed)
-    bare = BareLoop(model_path, cfg)
+    bare = BareLoop(model_path, cfg, _device(args))
     runs = []
     for rep in range(args.reps):
         ours_s = ours.update(samples, normalizers)["update_seconds"]
@@ -169,11 +189,12 @@ def bench_learner(args) -> dict:
 class BareLoop:
     """The local ceiling: the same model, micro-batches and optimizer, with nothing around them."""
 
-    def __init__(self, model_path: str, cfg):
+    def __init__(self, model_path: str, cfg, device: str):
         import torch
         from transformers import AutoModelForCausalLM
 
-        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, cfg.model.dtype))
+        self.device = device
+        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, cfg.model.dtype)).to(device)
         self.model.config.use_cache = False
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.learner.lr, foreach=True)
         self.micro_batch_size = cfg.learner.micro_batch_size
@@ -188,7 +209,7 @@ class BareLoop:
         started = time.perf_counter()
         count = sum(sum(s.loss_mask) for s in samples)
         for chunk in micro_batches(shard_for_rank(samples, 0, 1), self.micro_batch_size):
-            batch = collate(chunk, self.pad_id)
+            batch = collate(chunk, self.pad_id).to(self.device)
             logits = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
             logprobs = torch.log_softmax(logits[:, :-1].float(), dim=-1).gather(
                 -1, batch.input_ids[:, 1:, None]).squeeze(-1)
@@ -196,6 +217,8 @@ class BareLoop:
             loss.backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.device != "cpu":
+            torch.cuda.synchronize()
         return time.perf_counter() - started
 
 
@@ -214,10 +237,11 @@ def bench_sync(args) -> dict:
     for name, path in models.items():
         dtype = "float32" if name == "tiny" else "bfloat16"
         cfg = load_config(None, [f"model.name={path}", f"model.dtype={dtype}", "rollout.kv_cache_gib=0.5",
-                                 "rollout.max_model_len=512"])
+                                 "rollout.max_model_len=512", *_overrides(args)])
         fleet = Fleet.start(cfg, str(path))
         try:
-            times = [fleet.sync_weights(version) for version in range(1, args.reps + 2)][1:]  # first: warm-up
+            # The first syncs warm up (object store, shared memory, the engine's reload path): drop two.
+            times = [fleet.sync_weights(version) for version in range(1, args.reps + 3)][2:]
         finally:
             fleet.shutdown()
         params, size = _model_size(path)
@@ -284,11 +308,15 @@ def bench_step(args) -> dict:
     """`innerloop train` on the demo defaults for --steps steps, with every process's RSS sampled."""
     import subprocess
 
+    import shutil
+
     run_dir = Path(args.out) / "step-run"
+    shutil.rmtree(run_dir, ignore_errors=True)  # a fresh run each time, never a resume
     command = [sys.executable, "-m", "innerloop.distributed.cli", "train", "--run-dir", str(run_dir),
                "--set", f"train.steps={args.steps}", "--set", "eval.before_and_after=false",
                "--set", "train.checkpoint_every=0", "--set", "train.export_final_model=false",
-               "--set", "train.max_minutes=0", "--set", f"algorithm.kl_coef={args.kl_coef}"]
+               "--set", "train.max_minutes=0", "--set", f"algorithm.kl_coef={args.kl_coef}",
+               *sum((["--set", o] for o in _overrides(args)), [])]
     job = subprocess.Popen(command, cwd=REPO_ROOT)
     peaks = _peak_rss_by_role(job)
     if job.returncode:
@@ -331,7 +359,7 @@ def _peak_rss_by_role(job, every_s: float = 1.0) -> dict[str, float]:
 def _role(process) -> str:
     if process.pid == os.getpid():
         return "benchmark"
-    title = " ".join(process.cmdline()[:2])
+    title = " ".join(process.cmdline())
     for role in ("RolloutWorker", "Learner", "gcs_server", "raylet", "dashboard", "log_monitor"):
         if role in title:
             return role

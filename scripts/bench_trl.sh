@@ -9,7 +9,8 @@ if [ ! -x .venv-bench/bin/python ]; then
   python3 -m venv .venv-bench
   site=$(.venv/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
   bench_site=$(.venv-bench/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
-  echo "$site" > "$bench_site/innerloop-venv.pth"
+  # addsitedir, not a bare path: .venv's own .pth files (innerloop's editable install) must load too.
+  echo "import site; site.addsitedir('$site')" > "$bench_site/innerloop-venv.pth"
   # No dependency resolution: everything TRL needs but accelerate is already in .venv, pinned.
   .venv-bench/bin/pip install -q --no-deps "trl==1.16.0" "accelerate==1.13.0"
 fi
