@@ -320,7 +320,8 @@ def load(path: Path, fleet) -> DriverState:
         raise CheckpointError(f"checkpoint {path} is damaged ({'; '.join(problems)}); delete that folder "
                               "and resume from the one before it")
     state = DriverState(**json.loads((path / STATE).read_text()))
-    fleet.load_learners(path / "deepspeed", tag="state")
+    # Checkpoints from before the rank count was recorded were written by the same count as now.
+    fleet.load_learners(path / "deepspeed", tag="state", saved_ranks=state.extra.get("learner_ranks"))
     return state
 
 

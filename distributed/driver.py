@@ -214,7 +214,8 @@ class Trainer:
             step=step, policy_version=step, question_position=stream.position,
             config_fingerprint=self.cfg.fingerprint(), rng={"python": random.getstate()},
             metric=self._last_metric,
-            extra={"watchdog": actors.watchdog.state(), "nonfinite_steps": self._nonfinite_steps})
+            extra={"watchdog": actors.watchdog.state(), "nonfinite_steps": self._nonfinite_steps,
+                   "learner_ranks": self.cfg.learner.ranks})
         train, started = self.cfg.train, time.perf_counter()
         path = checkpoints.save(self.run.checkpoints, state, actors, keep=train.keep_checkpoints,
                                 keep_best=train.keep_best, best_mode=train.best_mode)

@@ -150,9 +150,10 @@ class Fleet:
         self._learner_call([l.save_checkpoint.remote(str(folder), tag) for l in self.learners], "checkpoint",
                            "the checkpoint")
 
-    def load_learners(self, folder: Path, tag: str) -> None:
-        self._learner_call([l.load_checkpoint.remote(str(folder), tag) for l in self.learners], "checkpoint",
-                           "loading the checkpoint")
+    def load_learners(self, folder: Path, tag: str, saved_ranks: int | None = None) -> None:
+        """`saved_ranks`: how many ranks wrote it; a different count now is resharded on load."""
+        self._learner_call([l.load_checkpoint.remote(str(folder), tag, saved_ranks) for l in self.learners],
+                           "checkpoint", "loading the checkpoint")
 
     # ---- failures -------------------------------------------------------------------------------
 

@@ -239,13 +239,39 @@ class Learner:
 
     # ---- checkpoints ------------------------------------------------------------------------
 
+    def _load_resharded(self, folder: Path, tag: str):
+        """Rank 0 converts the checkpoint to the universal format beside it; every rank loads that."""
+        import torch.distributed as dist
+
+        # Beside the run's checkpoints (shared by all nodes), never inside one: its manifest stays true.
+        universal = folder.parent.parent / f".universal-{folder.parent.name}"
+        if self.rank == 0:
+            _convert_to_universal(folder / tag, universal / tag)
+        dist.barrier()
+        self.engine._config.load_universal_checkpoint = True
+        try:
+            loaded = self.engine.load_checkpoint(str(universal), tag=tag)
+        finally:
+            self.engine._config.load_universal_checkpoint = False
+        dist.barrier()
+        if self.rank == 0:
+            import shutil
+
+            shutil.rmtree(universal, ignore_errors=True)
+        return loaded
+
     def save_checkpoint(self, folder: str, tag: str) -> None:
         # The RNG states ride along, so a resumed rank draws what the uninterrupted one would have.
         rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
         self.engine.save_checkpoint(folder, tag=tag, client_state={"innerloop_rng": rng})
 
-    def load_checkpoint(self, folder: str, tag: str) -> None:
-        path, client_state = self.engine.load_checkpoint(folder, tag=tag)
+    def load_checkpoint(self, folder: str, tag: str, saved_world_size: int | None = None) -> None:
+        """Restore model, optimizer, LR schedule and RNG. A checkpoint written by a different number
+        of ranks is first converted to DeepSpeed's rank-independent universal format."""
+        if saved_world_size in (None, self.world_size):
+            path, client_state = self.engine.load_checkpoint(folder, tag=tag)
+        else:
+            path, client_state = self._load_resharded(Path(folder), tag)
         if path is None:
             raise FileNotFoundError(f"no DeepSpeed checkpoint '{tag}' under {folder}")
         rng = (client_state or {}).get("innerloop_rng")
@@ -263,3 +289,16 @@ def _first_predicting_position(loss_mask: torch.Tensor) -> int:
 def _left_pad(values: torch.Tensor, start: int) -> torch.Tensor:
     """[B, T - start] per-position values back to [B, T], zero before `start` (prompt positions)."""
     return torch.nn.functional.pad(values, (start, 0))
+
+
+def _convert_to_universal(source: Path, target: Path) -> None:
+    """DeepSpeed's own converter: ZeRO partitions -> one file per parameter, for any world size."""
+    import argparse
+    import shutil
+
+    from deepspeed.checkpoint import ds_to_universal
+
+    shutil.rmtree(target.parent, ignore_errors=True)
+    ds_to_universal.main(argparse.Namespace(
+        input_folder=str(source), output_folder=str(target), num_extract_workers=1, num_merge_workers=1,
+        keep_temp_folder=False, strict=True, inject_missing_state=True))

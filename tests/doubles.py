@@ -53,7 +53,7 @@ class FakeFleet:
         folder.mkdir(parents=True, exist_ok=True)
         (folder / f"{tag}.txt").write_text(str(self.applied))
 
-    def load_learners(self, folder, tag):
+    def load_learners(self, folder, tag, saved_ranks=None):
         self.applied = int((folder / f"{tag}.txt").read_text())
 
     def export(self, folder):

@@ -39,7 +39,7 @@ class FakeFleet:
         self._write(folder / "config.json", "{}")
         self._write(folder / "model.safetensors", "tensors" * 100)
 
-    def load_learners(self, folder: Path, tag: str) -> None:
+    def load_learners(self, folder: Path, tag: str, saved_ranks: int | None = None) -> None:
         self.loaded = (folder, tag)
 
 

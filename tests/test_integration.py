@@ -456,6 +456,49 @@ def test_two_zero2_learner_ranks_hold_identical_weights_matching_one_rank(stack)
         single.shutdown()
 
 
+@pytest.mark.integration
+def test_a_checkpoint_resumes_on_a_different_number_of_learner_ranks(stack, tmp_path):
+    """2 ranks -> checkpoint -> 1 rank -> checkpoint -> 2 ranks: the model, optimizer (Adam moments)
+    and LR schedule carry over, so the next update matches the one the writer would have made."""
+    from innerloop.distributed.fleet import Fleet
+    from innerloop.distributed.questions import load_questions
+    from innerloop.distributed.samples import build_samples, group_by_question, loss_normalizers
+
+    def cfg(ranks):
+        return load_config(None, [*_overrides(stack.model), f"learner.ranks={ranks}", "learner.zero_stage=2"])
+
+    questions = load_questions(stack.cfg.tasks)[0][: stack.cfg.rollout.questions_per_step]
+    samples = build_samples(group_by_question(stack.fleet.generate(questions, stack.cfg.rollout.group_size)),
+                            stack.cfg.algorithm)
+    normalizers = loss_normalizers(samples, stack.cfg.algorithm)
+
+    def handoff(writer, ranks_then, reader_cfg, folder):
+        """Update the writer, save it, update it again; the reader loads the save and makes that update."""
+        writer.update(samples, normalizers)
+        writer.save_learners(folder, "state")
+        expected = writer.update(samples, normalizers)
+        reader = Fleet.start(reader_cfg, str(stack.model), rollout_workers=0)
+        reader.load_learners(folder, "state", saved_ranks=ranks_then)
+        got = reader.update(samples, normalizers)
+        for key in ("grad_norm", "learning_rate"):
+            assert got[key] == pytest.approx(expected[key], rel=1e-4), key
+        # Adam's second step uses the restored moments: a lost optimizer state would move weights differently.
+        torch.testing.assert_close(stack.learner_logprobs(reader.learners[0]),
+                                   stack.learner_logprobs(writer.learners[0]), atol=1e-4, rtol=0)
+        assert not list(folder.parent.parent.glob(".universal-*"))  # the converted copy is removed
+        return reader
+
+    pair = Fleet.start(cfg(2), str(stack.model), rollout_workers=0)
+    single = pair2 = None
+    try:
+        single = handoff(pair, 2, cfg(1), tmp_path / "two" / "deepspeed")
+        pair2 = handoff(single, 1, cfg(2), tmp_path / "one" / "deepspeed")
+    finally:
+        for fleet in (pair, single, pair2):
+            if fleet is not None:
+                fleet.shutdown()
+
+
 # ---------------------------------------------------------------- failures (these change the shared fleet)
 
 

@@ -257,7 +257,7 @@ class FakeFleet:
         folder.mkdir(parents=True)
         (folder / "config.json").write_text("{}")
 
-    def load_learners(self, folder: Path, tag: str) -> None:
+    def load_learners(self, folder: Path, tag: str, saved_ranks: int | None = None) -> None:
         self.loaded = (folder, tag)
 
 
