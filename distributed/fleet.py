@@ -14,7 +14,7 @@ import ray
 from innerloop.actors.rollout import RolloutWorker
 from innerloop.distributed.config import Config, SamplingConfig
 from innerloop.distributed.errors import RunStopped
-from innerloop.distributed.placement import Placement, free_port, remote_class, start_ray
+from innerloop.distributed.placement import Placement, remote_class, start_ray
 from innerloop.distributed.records import Question, Trajectory, TrainingSample
 from innerloop.distributed.watchdog import Watchdog
 from innerloop.learners import grpo
@@ -71,7 +71,7 @@ class Fleet:
     # ---- starting actors ----------------------------------------------------------------------
 
     def _start_learners(self) -> list:
-        cfg, master, port = self.cfg, ray.util.get_node_ip_address(), free_port()
+        cfg, (master, port) = self.cfg, self._placement.rendezvous()
         return [
             remote_class(Learner, self._placement.learner_options(rank)).remote(
                 self._model_path, cfg.model.dtype, cfg.learner, cfg.algorithm, cfg.rollout.temperature,

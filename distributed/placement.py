@@ -16,6 +16,7 @@ from ray.util.placement_group import placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from innerloop.distributed.config import Config
+from innerloop.distributed.errors import RunStopped
 
 log = logging.getLogger(__name__)
 
@@ -52,21 +53,32 @@ def _gpu_bundles(cfg: Config) -> list[dict[str, float]]:
 class Placement:
     """Scheduling options for each learner rank and rollout worker."""
 
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, timeout_s: float = PLACEMENT_TIMEOUT_S):
         self._cfg = cfg
         self._group = None
         if cfg.learner.gpus_per_rank > 0 or cfg.rollout.gpus_per_worker > 0:
             self._group = placement_group(_gpu_bundles(cfg), strategy="PACK")
-            if not self._wait(self._group):
-                raise RuntimeError(
+            ready, _ = ray.wait([self._group.ready()], timeout=timeout_s)
+            if not ready:
+                ray.util.remove_placement_group(self._group)
+                raise RunStopped(
                     f"could not place {cfg.learner.ranks} learner ranks and {cfg.rollout.workers} rollout "
-                    f"workers with their GPUs within {PLACEMENT_TIMEOUT_S:.0f} s; the cluster has "
+                    f"workers with their GPUs within {timeout_s:.0f} s; the cluster has "
                     f"{ray.cluster_resources().get('GPU', 0):.0f} GPUs. Lower learner.ranks or rollout.workers.")
 
-    @staticmethod
-    def _wait(group) -> bool:
-        ready, _ = ray.wait([group.ready()], timeout=PLACEMENT_TIMEOUT_S)
-        return bool(ready)
+    @property
+    def group(self):
+        """The placement group holding every bundle (None on CPU-only runs)."""
+        return self._group
+
+    def rendezvous(self) -> tuple[str, int]:
+        """Address and free port for the learners' process group, on the node of learner rank 0:
+        its rank hosts the rendezvous store, and on a cluster that need not be the driver's node."""
+        if self._group is None:
+            return ray.util.get_node_ip_address(), free_port()
+        strategy = PlacementGroupSchedulingStrategy(self._group, placement_group_bundle_index=0)
+        probe = remote_function(node_address, {"num_cpus": 0, "scheduling_strategy": strategy})
+        return ray.get(probe.remote(), timeout=PLACEMENT_TIMEOUT_S)[:2]
 
     def _options(self, bundle_index: int, gpus: float) -> dict:
         if self._group is None:
@@ -84,6 +96,11 @@ class Placement:
 def remote_class(cls, options: dict):
     """The one place a role class becomes a Ray actor class."""
     return ray.remote(cls).options(**options)
+
+
+def node_address() -> tuple[str, int, str]:
+    """(IP, a free port, Ray node id) of the node this runs on."""
+    return ray.util.get_node_ip_address(), free_port(), ray.get_runtime_context().get_node_id()
 
 
 def remote_function(fn, options: dict):
