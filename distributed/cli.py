@@ -57,6 +57,11 @@ def _parser() -> argparse.ArgumentParser:
     listing.add_argument("--verify", action="store_true", help="check every file against the manifest's checksums")
     listing.set_defaults(handler=_checkpoints)
 
+    scale = commands.add_parser("scale", help="resize a running run's rollout pool (applied before its next step)")
+    scale.add_argument("run_dir", help="the run directory of the running job")
+    scale.add_argument("--rollout-workers", type=int, required=True, metavar="N", help="rollout workers wanted")
+    scale.set_defaults(handler=_scale)
+
     prepare = commands.add_parser("prepare-model", help="convert and cache the default demo model")
     prepare.add_argument("--force", action="store_true", help="rebuild the cached folder")
     prepare.set_defaults(handler=_prepare)
@@ -154,6 +159,19 @@ def _checkpoints(args) -> int:
             notes.append("DAMAGED: " + "; ".join(problems) if problems else "verified")
         print(f"{info.path.name}  metric {metric:>8}  {' '.join(notes)}")
     return 1 if damaged else 0
+
+
+def _scale(args) -> int:
+    from innerloop.distributed.tracking import RunDir
+
+    if args.rollout_workers < 1:
+        raise ConfigError("--rollout-workers must be at least 1")
+    if not (Path(args.run_dir) / "config.yaml").is_file():
+        raise ConfigError(f"{args.run_dir} is not a run directory (it has no config.yaml)")
+    RunDir(args.run_dir).request_scale(args.rollout_workers)
+    print(f"asked {args.run_dir} for {args.rollout_workers} rollout workers; the run applies it before its "
+          "next step (see rollout_workers_scaled in its metrics.jsonl)")
+    return 0
 
 
 def _prepare(args) -> int:

@@ -135,6 +135,7 @@ class Trainer:
         step = start_step
         with StepDisplay(total=cfg.train.steps, done=start_step) as display:
             while step < cfg.train.steps and not self._out_of_time(started):
+                self._apply_scale_request(actors, step)
                 questions, record = self._step(actors, stream, step)
                 step += 1
                 self.run.log(record, step)
@@ -183,6 +184,13 @@ class Trainer:
                 f"{self._nonfinite_steps} steps had a NaN or inf loss or gradient (recovery.max_nonfinite_steps="
                 f"{limit}); stopping. Their trajectories and samples are in {self.run.bad_steps}. Common causes: "
                 "rewards too large or not finite, learner.lr too high; the last checkpoint is intact.")
+
+    def _apply_scale_request(self, actors: "fleet.Fleet", step: int) -> None:
+        """`innerloop scale RUN_DIR --rollout-workers N`: resize the pool before this step."""
+        count = self.run.take_scale_request()
+        if count is not None and count != len(actors.workers):
+            actors.resize_workers(count)
+            self._log_events(actors, step)
 
     def _log_events(self, actors: "fleet.Fleet", step: int) -> None:
         for event in actors.drain_events():

@@ -206,6 +206,27 @@ class Fleet:
         self._await_ready(_named("learner", self.learners))
         self._weights = None
 
+    def resize_workers(self, count: int) -> None:
+        """Grow or shrink the rollout pool between steps; new workers hold the current weights first."""
+        before, started = len(self.workers), time.perf_counter()
+        while len(self.workers) > count:
+            index = len(self.workers) - 1
+            worker = self.workers.pop()
+            self.watchdog.settle([worker.close.remote()], "sync", f"closing rollout worker {index}")
+            _kill(worker)
+            self._locations.pop(f"rollout-{index}", None)
+        added = {f"rollout-{i}": self._start_worker(i) for i in range(len(self.workers), count)}
+        if added:
+            self._await_ready(added)
+            if self._weights is not None:
+                version, blob = self._weights
+                self.watchdog.wait([w.load_weights.remote(blob, version) for w in added.values()], "sync",
+                                   "loading the current weights into the new rollout workers")
+            self.workers.extend(added.values())
+        self.events.append({"event": "rollout_workers_scaled", "from": before, "to": len(self.workers),
+                            "seconds": round(time.perf_counter() - started, 2)})
+        log.info("rollout workers: %d -> %d in %.1f s", before, len(self.workers), time.perf_counter() - started)
+
     def drain_events(self) -> list[dict]:
         events, self.events = self.events, []
         return events

@@ -90,6 +90,9 @@ class Placement:
         return self._options(rank, self._cfg.learner.gpus_per_rank)
 
     def rollout_options(self, index: int) -> dict:
+        if index >= self._cfg.rollout.workers:  # added while running (innerloop scale): outside the group
+            gpus = self._cfg.rollout.gpus_per_worker
+            return {"num_cpus": 1, **({"num_gpus": gpus} if gpus else {})}
         return self._options(self._cfg.learner.ranks + index, self._cfg.rollout.gpus_per_worker)
 
 

@@ -36,6 +36,7 @@ class RunDir:
         self.superseded_file = self.path / "superseded.jsonl"
         self.stacks = self.path / "stacks"
         self.bad_steps = self.path / "bad_steps"
+        self.scale_request = self.path / "scale.json"  # written by `innerloop scale`, taken between steps
         self._writer = None
         self._purge_step: int | None = None
 
@@ -57,6 +58,22 @@ class RunDir:
         """The ledger: which questions step `step` consumed (written with its metrics, before any
         checkpoint of that step, so a checkpoint never runs ahead of its ledger)."""
         _append(self.ledger_file, {"step": step, "questions": list(question_ids)})
+
+    def request_scale(self, rollout_workers: int) -> None:
+        """Ask the running driver for this many rollout workers (written whole, then renamed)."""
+        partial = self.scale_request.with_suffix(".partial")
+        partial.write_text(json.dumps({"rollout_workers": rollout_workers, "time": time.time()}))
+        partial.replace(self.scale_request)
+
+    def take_scale_request(self) -> int | None:
+        """The rollout-worker count last requested, once; None when nothing is pending."""
+        try:
+            request = json.loads(self.scale_request.read_text())
+        except (OSError, ValueError):
+            return None
+        self.scale_request.unlink(missing_ok=True)
+        count = request.get("rollout_workers")
+        return count if isinstance(count, int) and count >= 1 else None
 
     def read_ledger(self) -> list[dict[str, Any]]:
         return _read_jsonl(self.ledger_file)

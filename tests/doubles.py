@@ -26,6 +26,8 @@ class FakeFleet:
         self.synced: list[int] = []
         self.seeds: list[int | None] = []
         self.last_rollout_seconds = {"engine": 0.0, "score": 0.0}
+        self.workers = ["worker-0"]
+        self.on_update = None  # called after each update: a test's hook into the middle of a run
 
     def generate(self, questions, samples_per_question, sampling=None, seed=None):
         from innerloop.distributed.records import Trajectory
@@ -41,6 +43,8 @@ class FakeFleet:
         self.update_calls += 1
         if self.update_calls in self.lose_learner_at:
             raise LearnerLost("a learner rank died during the policy update: (test double)")
+        if self.on_update:
+            self.on_update(self.update_calls)
         skipped = self.update_calls in self.nonfinite_at
         self.applied += 0 if skipped else 1
         return {"loss": float("nan") if skipped else 0.5, "step_skipped": float(skipped), "grad_norm": 1.0,
@@ -63,6 +67,9 @@ class FakeFleet:
     def restart_learners(self):
         self.restarts += 1
         self.applied = 0
+
+    def resize_workers(self, count):
+        self.workers = [f"worker-{i}" for i in range(count)]
 
     def drain_events(self):
         return []

@@ -499,19 +499,50 @@ def test_a_checkpoint_resumes_on_a_different_number_of_learner_ranks(stack, tmp_
                 fleet.shutdown()
 
 
+@pytest.mark.integration
+def test_innerloop_scale_grows_the_rollout_pool_of_a_running_job(stack, tmp_path):
+    """`innerloop scale RUN_DIR --rollout-workers 2` mid-run: a second engine starts, gets the current
+    weights before it generates, and takes half of every later step's questions."""
+    import ray
+
+    cfg = load_config(None, [*_overrides(stack.model), "train.steps=3", "eval.before_and_after=false",
+                             "train.export_final_model=false"])
+    run_dir = tmp_path / "run"
+    ask = threading.Thread(target=lambda: _when(lambda: (run_dir / "ledger.jsonl").exists(),
+                                               lambda: cli.main(["scale", str(run_dir), "--rollout-workers", "2"])))
+    ask.start()
+    try:
+        with recording_generate(stack.fleet) as calls:
+            Trainer(cfg, run_dir).train(actors=stack.fleet)
+        ask.join()
+        assert len(stack.fleet.workers) == 2
+        records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        scaled = [r for r in records if r.get("event") == "rollout_workers_scaled"]
+        assert [(r["from"], r["to"]) for r in scaled] == [(1, 2)] and scaled[0]["step"] in (1, 2)
+        # Every question still gets G trajectories, and the new engine samples with the learner's weights.
+        assert all(len(c.trajectories) == c.questions * c.samples_per_question for c in calls)
+        new = stack.fleet.workers[1]
+        engine = torch.tensor(ray.get(new.sequence_logprobs.remote(stack.probe_ids), timeout=120), dtype=torch.float64)
+        torch.testing.assert_close(engine, stack.learner_logprobs(), atol=LOGPROB_ATOL, rtol=0)
+    finally:
+        stack.fleet.resize_workers(1)  # the shared fleet goes back to one engine
+        stack.fleet.drain_events()
+    assert len(stack.fleet.workers) == 1
+
+
+def _when(condition, action, timeout: float = 300.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    action()
+
+
 # ---------------------------------------------------------------- failures (these change the shared fleet)
 
 
-def _kill_pid_when(condition, pid: int, timeout: float = 300.0) -> threading.Thread:
+def _kill_pid_when(condition, pid: int) -> threading.Thread:
     """A thread that SIGKILLs `pid` as soon as `condition()` holds: a process dying mid-phase."""
-
-    def watch():
-        deadline = time.monotonic() + timeout
-        while not condition() and time.monotonic() < deadline:
-            time.sleep(0.02)
-        os.kill(pid, signal.SIGKILL)
-
-    thread = threading.Thread(target=watch, daemon=True)
+    thread = threading.Thread(target=_when, args=(condition, lambda: os.kill(pid, signal.SIGKILL)), daemon=True)
     thread.start()
     return thread
 

@@ -166,3 +166,24 @@ def test_cli_offers_to_resume_a_run_dir_with_a_checkpoint_at_a_terminal(tmp_path
     assert started == [(6, True), (6, True)]
     monkeypatch.setattr("builtins.input", lambda prompt: "n")
     assert cli.main(["train", "--run-dir", str(tmp_path / "run")]) == 2
+
+
+def test_innerloop_scale_resizes_the_rollout_pool_before_the_next_step(tmp_path, capsys):
+    from innerloop.distributed import cli
+
+    cfg = config()
+    fleet = FakeFleet(cfg)
+    sizes = []
+
+    def during_update(call):
+        sizes.append(len(fleet.workers))
+        if call == 2:  # a user runs `innerloop scale` while step 2 is updating
+            assert cli.main(["scale", str(tmp_path / "run"), "--rollout-workers", "3"]) == 0
+
+    fleet.on_update = during_update
+    Trainer(cfg, tmp_path / "run").train(fleet)
+    assert sizes == [1, 1, 3, 3, 3, 3]  # applied before step 3, once
+    assert not (tmp_path / "run" / "scale.json").exists()
+    assert "3 rollout workers" in capsys.readouterr().out
+    assert cli.main(["scale", str(tmp_path / "nowhere"), "--rollout-workers", "2"]) == 2
+    assert cli.main(["scale", str(tmp_path / "run"), "--rollout-workers", "0"]) == 2
