@@ -185,18 +185,24 @@ class Fleet:
         self.worker_restarts += 1
         _kill(self.workers[index])
         started = time.perf_counter()
-        self.workers[index] = self._start_worker(index)
-        self._await_ready({f"rollout-{index}": self.workers[index]})
-        version = 0
-        if self._weights is not None:
-            version, blob = self._weights
-            self.watchdog.wait(self.workers[index].load_weights.remote(blob, version), "sync",
-                               "loading the current weights into a replacement rollout worker")
+        (self.workers[index],), version = self._start_current_workers([index])
         event = {"event": "rollout_worker_replaced", "worker": index, "policy_version": version,
                  "restart_seconds": round(time.perf_counter() - started, 2), "replacements": self.worker_restarts}
         log.warning("rollout worker %d replaced in %.1f s; it holds policy version %d",
                     index, event["restart_seconds"], version)
         self.events.append(event)
+
+    def _start_current_workers(self, indices) -> tuple[list, int]:
+        """New rollout workers in these slots, up and holding the current weights before any use;
+        returns them and the policy version they hold (0 before the first sync: the model folder's)."""
+        workers = {f"rollout-{i}": self._start_worker(i) for i in indices}
+        self._await_ready(workers)
+        version = 0
+        if self._weights is not None:
+            version, blob = self._weights
+            self.watchdog.wait([w.load_weights.remote(blob, version) for w in workers.values()], "sync",
+                               f"loading the current weights into {', '.join(workers)}")
+        return list(workers.values()), version
 
     def restart_learners(self) -> None:
         """Every rank anew from the model folder (the caller then loads a checkpoint into them)."""
@@ -215,14 +221,8 @@ class Fleet:
             self.watchdog.settle([worker.close.remote()], "sync", f"closing rollout worker {index}")
             _kill(worker)
             self._locations.pop(f"rollout-{index}", None)
-        added = {f"rollout-{i}": self._start_worker(i) for i in range(len(self.workers), count)}
-        if added:
-            self._await_ready(added)
-            if self._weights is not None:
-                version, blob = self._weights
-                self.watchdog.wait([w.load_weights.remote(blob, version) for w in added.values()], "sync",
-                                   "loading the current weights into the new rollout workers")
-            self.workers.extend(added.values())
+        if count > len(self.workers):
+            self.workers.extend(self._start_current_workers(range(len(self.workers), count))[0])
         self.events.append({"event": "rollout_workers_scaled", "from": before, "to": len(self.workers),
                             "seconds": round(time.perf_counter() - started, 2)})
         log.info("rollout workers: %d -> %d in %.1f s", before, len(self.workers), time.perf_counter() - started)
