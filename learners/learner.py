@@ -11,6 +11,7 @@ import logging
 import math
 import os
 import random
+import shutil
 import time
 from pathlib import Path
 
@@ -255,8 +256,6 @@ class Learner:
             self.engine._config.load_universal_checkpoint = False
         dist.barrier()
         if self.rank == 0:
-            import shutil
-
             shutil.rmtree(universal, ignore_errors=True)
         return loaded
 
@@ -294,7 +293,6 @@ def _left_pad(values: torch.Tensor, start: int) -> torch.Tensor:
 def _convert_to_universal(source: Path, target: Path) -> None:
     """DeepSpeed's own converter: ZeRO partitions -> one file per parameter, for any world size."""
     import argparse
-    import shutil
 
     from deepspeed.checkpoint import ds_to_universal
 
