@@ -136,10 +136,11 @@ class Trainer:
         with StepDisplay(total=cfg.train.steps, done=start_step) as display:
             while step < cfg.train.steps and not self._out_of_time(started):
                 self._apply_scale_request(actors, step)
-                questions, record = self._step(actors, stream, step)
+                questions, trajectories, record = self._step(actors, stream, step)
                 step += 1
                 self.run.log(record, step)
                 self.run.record_questions(step, [q.question_id for q in questions])
+                self.run.record_trajectories(step, step - 1, trajectories)
                 self._log_events(actors, step)
                 self._note_metric(record)
                 display.update(step, record)
@@ -151,7 +152,7 @@ class Trainer:
             self._checkpoint(actors, step, stream)  # the last step is always saved
         return step
 
-    def _step(self, actors: "fleet.Fleet", stream: QuestionStream, step: int) -> tuple[list, dict]:
+    def _step(self, actors: "fleet.Fleet", stream: QuestionStream, step: int) -> tuple[list, list, dict]:
         cfg, timer = self.cfg, _PhaseTimer()
         questions = stream.take(cfg.rollout.questions_per_step)                  # take questions
         with timer("generate"):                                                  # roll out and score
@@ -164,7 +165,7 @@ class Trainer:
             self._skipped_step(step + 1, trajectories, samples, update)
         with timer("sync"):
             actors.sync_weights(step + 1)                                        # weights out, versioned
-        return questions, {**_rollout_metrics(groups, trajectories, timer.seconds["generate"]), **update,
+        return questions, trajectories, {**_rollout_metrics(groups, trajectories, timer.seconds["generate"]), **update,
                            **timer.record(), "time_score": actors.last_rollout_seconds["score"],
                            "policy_version": step + 1}
 

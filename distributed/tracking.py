@@ -4,6 +4,7 @@ run_dir/
   config.yaml          the resolved config (defaults, file and overrides merged)
   metrics.jsonl        one JSON object per step, plus the eval and event records
   ledger.jsonl         the question ids each step consumed: exactly once each, across resumes
+  trajectories.jsonl   one line per trajectory trained on: question, reward, length, policy version, staleness
   superseded.jsonl     records of steps a resume (or recovery) went back over, kept for inspection
   stacks/              stack dumps of every process, written when a phase overran its deadline
   bad_steps/           the data of steps skipped for a NaN/inf loss
@@ -33,6 +34,7 @@ class RunDir:
         self.final_model = self.path / "final_model"
         self.metrics_file = self.path / "metrics.jsonl"
         self.ledger_file = self.path / "ledger.jsonl"
+        self.trajectories_file = self.path / "trajectories.jsonl"
         self.superseded_file = self.path / "superseded.jsonl"
         self.stacks = self.path / "stacks"
         self.bad_steps = self.path / "bad_steps"
@@ -58,6 +60,19 @@ class RunDir:
         """The ledger: which questions step `step` consumed (written with its metrics, before any
         checkpoint of that step, so a checkpoint never runs ahead of its ledger)."""
         _append(self.ledger_file, {"step": step, "questions": list(question_ids)})
+
+    def record_trajectories(self, step: int, trained_on_version: int, trajectories) -> None:
+        """One line per trajectory step `step` trained on. `staleness`: how many policy versions the
+        learner (at `trained_on_version`) was ahead of the weights that sampled it; 0 when synchronous."""
+        lines = [{"step": step, "question_id": t.question_id, "reward": t.reward, "correct": t.correct,
+                  "formatted": t.formatted, "completion_tokens": len(t.completion_ids),
+                  "finish_reason": t.finish_reason, "policy_version": t.policy_version,
+                  "staleness": trained_on_version - t.policy_version} for t in trajectories]
+        with self.trajectories_file.open("a") as handle:
+            handle.write("".join(json.dumps(line) + "\n" for line in lines))
+
+    def read_trajectories(self) -> list[dict[str, Any]]:
+        return _read_jsonl(self.trajectories_file)
 
     def request_scale(self, rollout_workers: int) -> None:
         """Ask the running driver for this many rollout workers (written whole, then renamed)."""
@@ -85,7 +100,7 @@ class RunDir:
         Returns how many records were dropped.
         """
         dropped = 0
-        for path in (self.metrics_file, self.ledger_file):
+        for path in (self.metrics_file, self.ledger_file, self.trajectories_file):
             records = _read_jsonl(path)
             keep = [step is not None and r.get("step", 0) <= step for r in records]
             kept = [r for r, k in zip(records, keep) if k]

@@ -45,7 +45,8 @@ def test_a_dead_learner_restores_the_last_checkpoint_and_every_step_is_logged_on
     # Exactly once: the same questions, in the same steps, as the run that never failed.
     assert ledger_steps(tmp_path / "lost") == ledger_steps(tmp_path / "plain")
     superseded = [json.loads(line) for line in (tmp_path / "lost" / "superseded.jsonl").read_text().splitlines()]
-    assert {(r["file"], r["step"]) for r in superseded} == {("metrics.jsonl", 3), ("ledger.jsonl", 3)}
+    assert {(r["file"], r["step"]) for r in superseded} == {("metrics.jsonl", 3), ("ledger.jsonl", 3),
+                                                             ("trajectories.jsonl", 3)}
     events = [r for r in RunDir(tmp_path / "lost").read_metrics() if r.get("event") == "learners_restarted"]
     assert len(events) == 1 and events[0]["step"] == 2 and "learner rank died" in events[0]["reason"]
     # The engines got the restored weights' version before generating again.
