@@ -4,6 +4,7 @@ checkpoints/step-000010/
   deepspeed/      every rank's model, optimizer and LR-schedule state
   model/          a Hugging Face folder (for `innerloop eval` and for people)
   state.json      the driver's state: step, policy version, position in the question stream, RNG
+  ...             files the driver adds (save's `extra_files`, e.g. question_history.json), checksummed too
   manifest.json   written last: step, policy version, config fingerprint, metric, package versions,
                   and the size and SHA-256 of every other file
 
@@ -25,6 +26,7 @@ import math
 import os
 import re
 import shutil
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -71,9 +73,16 @@ class CheckpointInfo:
 # ---------------------------------------------------------------- writing
 
 
-def save(root: Path, state: DriverState, fleet, keep: int, keep_best: int = 0, best_mode: str = "max") -> Path:
-    """Write the checkpoint of `state.step` under `root`; keep the newest `keep` and the `keep_best` best."""
+def save(root: Path, state: DriverState, fleet, keep: int, keep_best: int = 0, best_mode: str = "max",
+         extra_files: Mapping[str, bytes] | None = None) -> Path:
+    """Write the checkpoint of `state.step` under `root`; keep the newest `keep` and the `keep_best` best.
+
+    `extra_files`: {path relative to the checkpoint folder: contents}, written before the manifest
+    so the manifest checksums them like every other file.
+    """
     root = Path(root)
+    extra_files = dict(extra_files or {})
+    _check_extra_names(extra_files)  # before anything is written: a bad name is a caller's bug
     final = _folder(root, state.step)
     partial = root / f"{_PARTIAL}{final.name}"
     _remove_leftovers(root)  # a crash during an earlier save or prune leaves these; they are never checkpoints
@@ -82,6 +91,9 @@ def save(root: Path, state: DriverState, fleet, keep: int, keep_best: int = 0, b
         fleet.save_learners(partial / "deepspeed", tag="state")
         fleet.export(partial / "model")
         _write_synced(partial / STATE, json.dumps(asdict(state), indent=2))
+        for name, data in extra_files.items():
+            (partial / name).parent.mkdir(parents=True, exist_ok=True)
+            (partial / name).write_bytes(data)  # fsynced as the manifest hashes it
         _write_synced(partial / MANIFEST, json.dumps(_manifest(partial, state, best_mode), indent=2))
         _sync_folders(partial)
     except Exception as exc:
@@ -96,6 +108,15 @@ def save(root: Path, state: DriverState, fleet, keep: int, keep_best: int = 0, b
     _fsync_path(root)  # makes the rename itself durable
     _prune(root, keep, keep_best, best_mode, just_written=final)
     return final
+
+
+def _check_extra_names(extra_files: Mapping[str, bytes]) -> None:
+    reserved = {"deepspeed", "model", STATE, MANIFEST}
+    for name in extra_files:
+        parts = Path(name).parts
+        if not parts or Path(name).is_absolute() or ".." in parts or parts[0] in reserved:
+            raise ValueError(f"extra checkpoint file {name!r}: give a relative path inside the checkpoint "
+                             f"folder, not under {sorted(reserved)}")
 
 
 def _manifest(folder: Path, state: DriverState, best_mode: str) -> dict:

@@ -1,4 +1,4 @@
-"""The `innerloop` command: train, eval, checkpoints, prepare-model."""
+"""The `innerloop` command: train, eval, checkpoints, questions, prepare-model."""
 
 from __future__ import annotations
 
@@ -49,6 +49,7 @@ def _parser() -> argparse.ArgumentParser:
     evaluate = commands.add_parser("eval", help="held-out accuracy of a model folder or checkpoint")
     evaluate.add_argument("model", help="a Hugging Face model folder, a checkpoint folder, or the default alias")
     evaluate.add_argument("--config", help="the training config (for tasks, reward and eval sampling)")
+    evaluate.add_argument("--json", metavar="FILE", help="also write the report (Pass@k and all) as JSON")
     _add_overrides(evaluate)
     evaluate.set_defaults(handler=_eval)
 
@@ -61,6 +62,19 @@ def _parser() -> argparse.ArgumentParser:
     scale.add_argument("run_dir", help="the run directory of the running job")
     scale.add_argument("--rollout-workers", type=int, required=True, metavar="N", help="rollout workers wanted")
     scale.set_defaults(handler=_scale)
+
+    questions = commands.add_parser("questions", help="per-question history of a run: solved, forgotten, "
+                                     "never solved, pass rate per step")
+    questions.add_argument("run_dir", help="the run directory (or one of its checkpoints/step-N folders)")
+    questions.add_argument("--solved", action="store_true", help="list questions solved at their last visit")
+    questions.add_argument("--forgotten", action="store_true",
+                           help="list questions solved at an earlier visit, not at the last")
+    questions.add_argument("--never-solved", action="store_true", help="list questions never answered correctly")
+    questions.add_argument("--heatmap", metavar="FILE.png", help="write a questions x steps pass-rate heatmap")
+    questions.add_argument("--max-rows", type=int, default=100, metavar="N",
+                           help="heatmap rows at most; more questions: the N most visited (default 100)")
+    questions.add_argument("--json", metavar="FILE", help="write the whole history as JSON")
+    questions.set_defaults(handler=_questions)
 
     prepare = commands.add_parser("prepare-model", help="convert and cache the default demo model")
     prepare.add_argument("--force", action="store_true", help="rebuild the cached folder")
@@ -131,12 +145,18 @@ def _print_summary(result, run_dir: Path) -> None:
 
 
 def _eval(args) -> int:
-    from innerloop.distributed.evaluate import evaluate_model
+    import json
+
+    from innerloop.distributed.evaluate import evaluate_model, format_report
 
     cfg = load_config(args.config, args.overrides)
+    json_file = Path(args.json) if args.json else None
+    if json_file is not None and not json_file.parent.is_dir():  # say so before the engine starts
+        raise ConfigError(f"--json {json_file}: the folder {json_file.parent} does not exist")
     report = evaluate_model(cfg, args.model)
-    print(f"held-out accuracy of {args.model}: {100 * report.accuracy:.1f}% "
-          f"({report.correct}/{report.questions}; {100 * report.formatted:.1f}% formatted)")
+    print(format_report(report, args.model))
+    if json_file is not None:
+        json_file.write_text(json.dumps({"model": args.model, **report.to_dict()}, indent=2) + "\n")
     return 0
 
 
@@ -171,6 +191,31 @@ def _scale(args) -> int:
     RunDir(args.run_dir).request_scale(args.rollout_workers)
     print(f"asked {args.run_dir} for {args.rollout_workers} rollout workers; the run applies it before its "
           "next step (see rollout_workers_scaled in its metrics.jsonl)")
+    return 0
+
+
+def _questions(args) -> int:
+    from innerloop.distributed import history
+
+    if args.max_rows < 1:
+        raise ConfigError("--max-rows must be at least 1")
+    try:
+        histories = history.history_of_run(args.run_dir)
+    except history.HistoryError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(history.summary_text(args.run_dir, history.summarize(histories)))
+    for status in ("solved", "forgotten", "never_solved"):
+        if getattr(args, status):
+            listed = [h for h in histories.values() if h.status == status]
+            print(f"\n{status.replace('_', ' ')} ({len(listed)}):")
+            print("\n".join(history.question_line(h) for h in listed) or "  none")
+    if args.json:
+        history.save(histories, args.json)
+        print(f"history written to {args.json}")
+    if args.heatmap:
+        history.write_heatmap(histories, args.heatmap, max_rows=args.max_rows)
+        print(f"heatmap written to {args.heatmap}")
     return 0
 
 

@@ -89,6 +89,17 @@ class RolloutConfig(SamplingConfig):
     # to the engine process's busy polling. false: vLLM's separate engine process.
     engine_in_process: bool = True
     gpus_per_worker: float = Field(0.0, ge=0.0)  # 0 on CPU machines
+    # Asynchronous rollouts: the workers generate the next steps' trajectories while the learners
+    # update, from weights at most `max_staleness` versions behind the learner's; the policy
+    # gradient of such stale trajectories carries a truncated importance weight (algorithm.tis_cap).
+    # false, or max_staleness 0: the synchronous trainer exactly.
+    asynchronous: bool = False
+    max_staleness: int = Field(1, ge=0)
+    # Elastic pool: when the Ray cluster gains a node, rollout workers start on it (one per
+    # gpus_per_worker of its GPUs; one on a CPU-only node) until the pool has this many; a worker
+    # so added whose node goes away is dropped and its questions redone. 0: the pool only changes
+    # by request (innerloop scale).
+    max_workers: int = Field(0, ge=0)
 
 
 class RewardConfig(_Section):
@@ -116,6 +127,14 @@ class AlgorithmConfig(_Section):
     kl_estimator: Literal["k1", "k2", "k3"] = "k3"
     aggregation: Literal["token", "sequence"] = "token"
     entropy_coef: float = 0.0
+    # Truncated importance sampling for stale trajectories (rollout.asynchronous): each token's
+    # policy-gradient term is weighted by min(pi_learner / pi_sampler, tis_cap).
+    tis_cap: float = Field(2.0, gt=0.0)
+    # Update subset m: advantages use all G trajectories of a question, but only a seeded random m of
+    # them get the policy-gradient term. null: all G (plain GRPO). Checked against rollout.group_size.
+    update_subset: int | None = Field(None, ge=1)
+    # true: KL and entropy also cover only the update subset; false: they cover all G trajectories.
+    mask_kl_and_entropy_by_update: bool = False
 
 
 class LearnerConfig(_Section):
@@ -136,6 +155,24 @@ class EvalConfig(SamplingConfig):
     temperature: float = Field(0.0, ge=0.0)  # greedy: the same sampling before and after
     before_and_after: bool = True  # held-out accuracy before the first and after the last step
     every: int = Field(0, ge=0)  # also every N steps (0: never)
+    # `innerloop eval` only (training's evals draw one sample): n completions per held-out question,
+    # and the ks at which Pass@k and mG-Pass@k are reported (see docs/evaluation.md).
+    samples: int = Field(1, ge=1)
+    pass_k: list[int] = Field(default_factory=lambda: [1], min_length=1)
+
+    @model_validator(mode="after")
+    def _ks_fit_the_samples(self) -> "EvalConfig":
+        for k in self.pass_k:
+            if k < 1:
+                raise ValueError(f"eval.pass_k holds k={k}; every k must be at least 1")
+            if k > self.samples:
+                raise ValueError(f"eval.pass_k holds k={k}, but Pass@k needs k <= eval.samples "
+                                 f"= {self.samples}; set eval.samples to at least {k} or drop k={k}")
+        if self.samples > 1 and self.temperature == 0:
+            raise ValueError(f"eval.samples={self.samples} with eval.temperature=0: greedy decoding gives "
+                             f"the same completion {self.samples} times, so Pass@k would equal Pass@1; "
+                             "set eval.temperature above 0 (e.g. 0.7) or eval.samples=1")
+        return self
 
 
 class TrainConfig(_Section):
@@ -201,6 +238,16 @@ class Config(_Section):
                 f"rollout.questions_per_step x rollout.group_size = {samples} samples per step must "
                 f"divide evenly into learner.ranks x learner.micro_batch_size = {per_pass}; "
                 f"change learner.micro_batch_size or rollout.questions_per_step")
+        return self
+
+    @model_validator(mode="after")
+    def _update_subset_fits_group(self) -> "Config":
+        m, G = self.algorithm.update_subset, self.rollout.group_size
+        if m is not None and not 1 <= m <= G:
+            raise ValueError(
+                f"algorithm.update_subset = {m} must be between 1 and rollout.group_size = {G} "
+                f"(it picks m of each question's G trajectories for the policy-gradient term); "
+                f"set it in 1..{G}, or null to update all {G}")
         return self
 
     def fingerprint(self) -> str:

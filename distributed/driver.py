@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from innerloop.distributed import checkpoints, fleet
+from innerloop.distributed import checkpoints, fleet, history
 from innerloop.distributed.config import Config, ConfigError
 from innerloop.distributed.errors import RunStopped
 from innerloop.distributed.model_prep import resolve_model
@@ -133,10 +133,12 @@ class Trainer:
               eval_questions) -> int:
         cfg = self.cfg
         step = start_step
+        ahead = _Prefetch(actors, stream, cfg, self._step_seed, first_step=start_step)
         with StepDisplay(total=cfg.train.steps, done=start_step) as display:
             while step < cfg.train.steps and not self._out_of_time(started):
-                self._apply_scale_request(actors, step)
-                questions, trajectories, record = self._step(actors, stream, step)
+                self._adjust_pool(actors, step, ahead)
+                questions, call = ahead.next(step)
+                trajectories, record = self._step(actors, call, step)
                 step += 1
                 self.run.log(record, step)
                 self.run.record_questions(step, [q.question_id for q in questions])
@@ -147,27 +149,29 @@ class Trainer:
                 if cfg.eval.every and step % cfg.eval.every == 0 and step < cfg.train.steps:
                     self._evaluate(actors, eval_questions, step, f"step_{step}")
                 if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0:
-                    self._checkpoint(actors, step, stream)
+                    self._checkpoint(actors, step, ahead.trained_position())
         if step > start_step and not (cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0):
-            self._checkpoint(actors, step, stream)  # the last step is always saved
+            self._checkpoint(actors, step, ahead.trained_position())  # the last step is always saved
         return step
 
-    def _step(self, actors: "fleet.Fleet", stream: QuestionStream, step: int) -> tuple[list, list, dict]:
+    def _step(self, actors: "fleet.Fleet", call, step: int) -> tuple[list, dict]:
+        """One step on a submitted generation: wait for it, group advantages, update, weights out."""
         cfg, timer = self.cfg, _PhaseTimer()
-        questions = stream.take(cfg.rollout.questions_per_step)                  # take questions
         with timer("generate"):                                                  # roll out and score
-            trajectories = actors.generate(questions, cfg.rollout.group_size, seed=self._step_seed(step))
+            trajectories = actors.collect(call)
         groups = group_by_question(trajectories)
-        samples = build_samples(groups, cfg.algorithm)                           # group advantages
+        samples = build_samples(groups, cfg.algorithm, seed=self._step_seed(step), learner_version=step)
         with timer("update"):
             update = actors.update(samples, loss_normalizers(samples, cfg.algorithm))
         if update.get("step_skipped"):
             self._skipped_step(step + 1, trajectories, samples, update)
-        with timer("sync"):
-            actors.sync_weights(step + 1)                                        # weights out, versioned
-        return questions, trajectories, {**_rollout_metrics(groups, trajectories, timer.seconds["generate"]), **update,
-                           **timer.record(), "time_score": actors.last_rollout_seconds["score"],
-                           "policy_version": step + 1}
+        with timer("sync"):                                                      # weights out, versioned
+            actors.sync_weights(step + 1, wait=staleness_bound(cfg) == 0)
+        staleness = [step - t.policy_version for t in trajectories]
+        return trajectories, {**_rollout_metrics(groups, trajectories, timer.seconds["generate"]), **update,
+                              **timer.record(), "time_score": actors.last_rollout_seconds["score"],
+                              "policy_version": step + 1, "staleness_mean": sum(staleness) / max(1, len(staleness)),
+                              "staleness_max": max(staleness, default=0)}
 
     def _step_seed(self, step: int) -> int:
         """The sampling seed of a step: fixed by the run's seed and the step, whatever ran before."""
@@ -186,12 +190,16 @@ class Trainer:
                 f"{limit}); stopping. Their trajectories and samples are in {self.run.bad_steps}. Common causes: "
                 "rewards too large or not finite, learner.lr too high; the last checkpoint is intact.")
 
-    def _apply_scale_request(self, actors: "fleet.Fleet", step: int) -> None:
-        """`innerloop scale RUN_DIR --rollout-workers N`: resize the pool before this step."""
+    def _adjust_pool(self, actors: "fleet.Fleet", step: int, ahead: "_Prefetch") -> None:
+        """Before a step: apply `innerloop scale RUN_DIR --rollout-workers N`, and grow onto nodes
+        that joined the cluster (rollout.max_workers). Generations already submitted finish first."""
         count = self.run.take_scale_request()
         if count is not None and count != len(actors.workers):
+            ahead.finish_submitted()
             actors.resize_workers(count)
-            self._log_events(actors, step)
+        if self.cfg.rollout.max_workers:
+            actors.grow_onto_new_nodes(self.cfg.rollout.max_workers)
+        self._log_events(actors, step)
 
     def _log_events(self, actors: "fleet.Fleet", step: int) -> None:
         for event in actors.drain_events():
@@ -218,16 +226,17 @@ class Trainer:
                  label, 100 * accuracy, len(questions), 100 * formatted)
         return accuracy
 
-    def _checkpoint(self, actors: "fleet.Fleet", step: int, stream: QuestionStream) -> None:
+    def _checkpoint(self, actors: "fleet.Fleet", step: int, question_position: int) -> None:
         state = checkpoints.DriverState(
-            step=step, policy_version=step, question_position=stream.position,
+            step=step, policy_version=step, question_position=question_position,
             config_fingerprint=self.cfg.fingerprint(), rng={"python": random.getstate()},
             metric=self._last_metric,
             extra={"watchdog": actors.watchdog.state(), "nonfinite_steps": self._nonfinite_steps,
                    "learner_ranks": self.cfg.learner.ranks})
         train, started = self.cfg.train, time.perf_counter()
         path = checkpoints.save(self.run.checkpoints, state, actors, keep=train.keep_checkpoints,
-                                keep_best=train.keep_best, best_mode=train.best_mode)
+                                keep_best=train.keep_best, best_mode=train.best_mode,
+                                extra_files=history.checkpoint_files(self.run.read_trajectories()))
         seconds = time.perf_counter() - started
         self.run.log({"event": "checkpoint", "path": path.name, "seconds": round(seconds, 2)}, step)
         log.info("checkpoint written in %.1f s: %s", seconds, path)
@@ -242,6 +251,47 @@ class Trainer:
             actors.export(self.run.final_model)
         log.info("final model (step %d) exported to %s", step, self.run.final_model)
         return self.run.final_model
+
+
+def staleness_bound(cfg: Config) -> int:
+    """How many policy versions a trajectory may lag the learner: 0 is the synchronous trainer."""
+    return cfg.rollout.max_staleness if cfg.rollout.asynchronous else 0
+
+
+class _Prefetch:
+    """The steps' generations, submitted up to the staleness bound ahead of the step being trained.
+
+    With bound s, step t+s is submitted before step t's update, queued on each worker behind the
+    weights of version t: so a step's trajectories are at most s versions old when trained on.
+    s = 0 submits each step's generation only when that step starts: the synchronous trainer.
+    """
+
+    def __init__(self, actors: "fleet.Fleet", stream: QuestionStream, cfg: Config, step_seed, first_step: int):
+        self._actors, self._stream, self._cfg, self._step_seed = actors, stream, cfg, step_seed
+        self._next_step = first_step
+        self._submitted: list[tuple[list, object, int]] = []  # (questions, call, stream position before)
+
+    def next(self, step: int) -> tuple[list, object]:
+        """Step `step`'s questions and its generation, after submitting those up to the bound."""
+        rollout, last = self._cfg.rollout, self._cfg.train.steps
+        while len(self._submitted) <= staleness_bound(self._cfg) and self._next_step < last:
+            position = self._stream.position
+            questions = self._stream.take(rollout.questions_per_step)
+            call = self._actors.submit(questions, rollout.group_size, seed=self._step_seed(self._next_step))
+            self._submitted.append((questions, call, position))
+            self._next_step += 1
+        questions, call, _ = self._submitted.pop(0)
+        return questions, call
+
+    def finish_submitted(self) -> None:
+        """Wait for every submitted generation (before the pool changes); they stay queued, done."""
+        for _, call, _ in self._submitted:
+            self._actors.collect(call)
+
+    def trained_position(self) -> int:
+        """The question stream's position as of the last step trained: submitted steps not yet
+        trained are generated again after a resume."""
+        return self._submitted[0][2] if self._submitted else self._stream.position
 
 
 def save_bad_step(folder: Path, step: int, trajectories, samples, update: dict) -> Path:

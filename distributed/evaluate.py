@@ -1,25 +1,35 @@
-"""`innerloop eval`: held-out accuracy of a model folder or checkpoint, with one in-process rollout worker."""
+"""`innerloop eval`: held-out accuracy, Avg@n, Pass@k and mG-Pass@k of a model folder or checkpoint,
+with one in-process rollout worker drawing `eval.samples` completions per held-out question."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 from innerloop.distributed import checkpoints
 from innerloop.distributed.config import Config
 from innerloop.distributed.model_prep import resolve_model
+from innerloop.distributed.passk import PassKSummary, summarize
 from innerloop.distributed.questions import load_questions
+from innerloop.distributed.records import Trajectory
 
 
 @dataclass(frozen=True)
 class EvalReport:
     questions: int
-    correct: int
-    formatted: float
+    trajectories: int  # questions x samples
+    correct: int  # trajectories whose answer is right
+    formatted: float  # share of trajectories with the answer format
+    passk: PassKSummary
 
     @property
     def accuracy(self) -> float:
-        return self.correct / max(1, self.questions)
+        return self.correct / max(1, self.trajectories)
+
+    def to_dict(self) -> dict:
+        return {"questions": self.questions, "trajectories": self.trajectories, "correct": self.correct,
+                "accuracy": self.accuracy, "formatted": self.formatted, **self.passk.to_dict()}
 
 
 def evaluate_model(cfg: Config, model: str) -> EvalReport:
@@ -32,9 +42,38 @@ def evaluate_model(cfg: Config, model: str) -> EvalReport:
     worker = RolloutWorker(model_path, cfg.model.dtype, cfg.rollout, cfg.reward, cfg.tasks.system_prompt,
                            cfg.tasks.prompt_template, cfg.train.seed)
     try:
-        trajectories = worker.generate(held_out, 1, sampling=cfg.eval).trajectories
+        trajectories = worker.generate(held_out, cfg.eval.samples, sampling=cfg.eval).trajectories
     finally:
         worker.close()
-    n = max(1, len(trajectories))
-    return EvalReport(len(trajectories), sum(t.correct for t in trajectories),
-                      sum(t.formatted for t in trajectories) / n)
+    return report_from_trajectories(trajectories, cfg.eval.pass_k)
+
+
+def report_from_trajectories(trajectories: Sequence[Trajectory], ks: Sequence[int]) -> EvalReport:
+    """Count (n samples, c correct) per question, in first-seen question order, and score them."""
+    if not trajectories:
+        raise ValueError("no trajectories to evaluate: the held-out set produced no completions")
+    counts: dict[str, list[int]] = {}
+    for trajectory in trajectories:
+        n_and_c = counts.setdefault(trajectory.question_id, [0, 0])
+        n_and_c[0] += 1
+        n_and_c[1] += trajectory.correct
+    return EvalReport(questions=len(counts), trajectories=len(trajectories),
+                      correct=sum(t.correct for t in trajectories),
+                      formatted=sum(t.formatted for t in trajectories) / len(trajectories),
+                      passk=summarize([(n, c) for n, c in counts.values()], ks))
+
+
+def format_report(report: EvalReport, model: str) -> str:
+    """The accuracy line (as before Pass@k existed), then Avg@n and Pass@k / mG-Pass@k per k."""
+    summary = report.passk
+    lines = [f"held-out accuracy of {model}: {100 * report.accuracy:.1f}% "
+             f"({report.correct}/{report.trajectories}; {100 * report.formatted:.1f}% formatted)",
+             f"{summary.questions} questions x {summary.samples} samples: "
+             f"Avg@{summary.samples} {100 * summary.avg_at_n:.1f}%"]
+    for scores in summary.by_k:
+        line = f"  Pass@{scores.k} {100 * scores.pass_at_k:.1f}%"
+        # mG-Pass@1 is 0 for every model (its sum over thresholds above k/2 is empty): not shown.
+        if scores.k > 1:
+            line += f"  mG-Pass@{scores.k} {100 * scores.mg_pass_at_k:.1f}%"
+        lines.append(line)
+    return "\n".join(lines)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import ray
@@ -14,7 +15,7 @@ import ray
 from innerloop.actors.rollout import RolloutWorker
 from innerloop.distributed.config import Config, SamplingConfig
 from innerloop.distributed.errors import RunStopped
-from innerloop.distributed.placement import Placement, remote_class, start_ray
+from innerloop.distributed.placement import Placement, alive_nodes, remote_class, start_ray
 from innerloop.distributed.records import Question, Trajectory, TrainingSample
 from innerloop.distributed.watchdog import Watchdog
 from innerloop.learners import grpo
@@ -45,6 +46,8 @@ class Fleet:
         self.events: list[dict] = []  # what happened to the actors since the driver last looked
         self._weights = None  # (version, object ref of rank 0's blob): what a replacement worker loads
         self.last_rollout_seconds = {"engine": 0.0, "score": 0.0}  # of the latest generate call
+        self._unchecked_loads: dict[int, "ray.ObjectRef"] = {}  # asynchronous weight loads, checked later
+        self._known_nodes: set[str] = set()  # cluster nodes already seen, for growing onto new ones
 
     @classmethod
     def start(cls, cfg: Config, model_path: str, address: str | None = None,
@@ -55,6 +58,7 @@ class Fleet:
         """
         start_ray(address)
         fleet = cls(cfg, model_path, Placement(cfg))
+        fleet._known_nodes = set(alive_nodes())
         count = cfg.rollout.workers if rollout_workers is None else rollout_workers
         started = time.perf_counter()
         try:
@@ -79,9 +83,9 @@ class Fleet:
             for rank in range(cfg.learner.ranks)
         ]
 
-    def _start_worker(self, index: int):
+    def _start_worker(self, index: int, node_id: str | None = None):
         cfg = self.cfg
-        return remote_class(RolloutWorker, self._placement.rollout_options(index)).remote(
+        return remote_class(RolloutWorker, self._placement.rollout_options(index, node_id)).remote(
             self._model_path, cfg.model.dtype, cfg.rollout, cfg.reward, cfg.tasks.system_prompt,
             cfg.tasks.prompt_template, cfg.train.seed + index)
 
@@ -95,30 +99,76 @@ class Fleet:
 
     def generate(self, questions: list[Question], samples_per_question: int,
                  sampling: SamplingConfig | None = None, seed: int | None = None) -> list[Trajectory]:
-        """Questions dealt round-robin to the workers; trajectories come back in question order.
+        """Questions dealt round-robin to the workers; trajectories come back in question order."""
+        return self.collect(self.submit(questions, samples_per_question, sampling, seed))
 
-        A worker that dies mid-call is replaced (it gets the current weights first) and its share
-        is generated again; `seed` (one per step) makes each share's samples reproducible.
-        """
-        phase = "generate" if sampling is None else "eval"
-        shares = {i: questions[i :: len(self.workers)] for i in range(len(self.workers))}
-        shares = {i: share for i, share in shares.items() if share}
+    def submit(self, questions: list[Question], samples_per_question: int,
+               sampling: SamplingConfig | None = None, seed: int | None = None) -> "RolloutCall":
+        """Start generating without waiting: each worker queues the call behind what it was already
+        given (an earlier generation, a weight load), so it samples with the weights loaded by then.
+        `seed` (one per step) makes each share's samples reproducible."""
+        call = RolloutCall(questions, samples_per_question, sampling, seed)
+        shares = [questions[i :: len(self.workers)] for i in range(len(self.workers))]
+        call.pending = [self._share(call, i, share, i) for i, share in enumerate(shares) if share]
+        return call
+
+    def _share(self, call: "RolloutCall", slot: int, share: list[Question], part: int) -> "_Share":
+        worker = self.workers[slot]
+        seed = None if call.seed is None else call.seed + part
+        return _Share(slot, part, share, worker,
+                      worker.generate.remote(share, call.samples_per_question, call.sampling, seed))
+
+    def collect(self, call: "RolloutCall") -> list[Trajectory]:
+        """Wait (bounded) for a submitted generation. A worker that died mid-call is replaced (or,
+        an elastic extra, dropped) and its share is generated again elsewhere, with the same seed."""
+        if call.trajectories is not None:
+            return call.trajectories
+        phase = "generate" if call.sampling is None else "eval"
+        self._check_loads()
         by_question: dict[str, list[Trajectory]] = {}
-        while shares:
-            calls = {i: self.workers[i].generate.remote(share, samples_per_question, sampling,
-                                                         None if seed is None else seed + i)
-                     for i, share in shares.items()}
-            done, lost = self._settle(calls, phase, "generation")
+        while call.pending:
+            done, lost = self._settle(dict(enumerate(s.ref for s in call.pending)), phase, "generation")
             for rollout in done.values():
                 for t in rollout.trajectories:
                     by_question.setdefault(t.question_id, []).append(t)
             if done:  # the slowest worker sets the pace: its engine and scoring times are the step's
                 self.last_rollout_seconds = {"engine": max(r.engine_seconds for r in done.values()),
                                              "score": max(r.score_seconds for r in done.values())}
-            for i in lost:
-                self._replace_worker(i)
-            shares = {i: shares[i] for i in lost}
-        return [t for q in questions for t in by_question.pop(q.question_id, [])]
+            redo = [call.pending[i] for i in lost]
+            for share in redo:
+                self._recover(share.slot, share.worker)
+            call.pending = [self._share(call, min(s.slot, len(self.workers) - 1), s.questions, s.part) for s in redo]
+        call.trajectories = [t for q in call.questions for t in by_question.pop(q.question_id, [])]
+        return call.trajectories
+
+    def _recover(self, slot: int, dead) -> None:
+        """A worker died: a base worker is replaced; an elastic extra (its node likely gone) is dropped.
+        A worker already handled for an earlier call of the same death is left alone."""
+        if slot >= len(self.workers) or self.workers[slot] is not dead:
+            return
+        if slot >= self.cfg.rollout.workers:
+            self.workers.pop(slot)
+            _kill(dead)
+            self._forget_worker_location(slot)
+            self.events.append({"event": "rollout_worker_dropped", "worker": slot, "workers": len(self.workers)})
+            log.warning("elastic rollout worker %d died; going on with %d workers", slot, len(self.workers))
+        else:
+            self._replace_worker(slot)
+
+    def _forget_worker_location(self, slot: int) -> None:
+        """The workers after `slot` move down one place; so do their recorded locations."""
+        for index in range(slot, len(self.workers) + 1):
+            moved = self._locations.pop(f"rollout-{index + 1}", None)
+            self._locations.pop(f"rollout-{index}", None)
+            if moved is not None:
+                self._locations[f"rollout-{index}"] = moved
+
+    def _check_loads(self) -> None:
+        """Weight loads not waited for (asynchronous sync) must have succeeded. A dead worker is not
+        handled here: its queued generation fails too, and `collect` recovers it."""
+        if self._unchecked_loads:
+            loads, self._unchecked_loads = self._unchecked_loads, {}
+            self._settle(loads, "sync", "the weight sync")
 
     def update(self, samples: list[TrainingSample], normalizers: LossNormalizers) -> dict[str, float]:
         """One optimizer step on every rank; metrics summed over ranks, then made into means."""
@@ -126,20 +176,29 @@ class Fleet:
                                       "update", "the policy update")
         return reduce_update_metrics(per_rank)
 
-    def sync_weights(self, version: int) -> float:
-        """Every rollout engine gets exactly the learner's current weights, tagged `version`."""
+    def sync_weights(self, version: int, wait: bool = True) -> float:
+        """Every rollout engine gets exactly the learner's current weights, tagged `version`.
+
+        wait=False (asynchronous rollouts): the loads queue behind the workers' running generations
+        and are checked at the next `collect`; only the learners' side is waited for.
+        """
         started = time.perf_counter()
+        self._check_loads()
         blobs = [l.weights_blob.remote() for l in self.learners]  # all ranks: ZeRO-3 gathers together
         # The workers take rank 0's blob straight from the object store: it never passes the driver.
         loads = {i: w.load_weights.remote(blobs[0], version) for i, w in enumerate(self.workers)}
+        self._weights = (version, blobs[0])
+        if not wait:
+            self._learner_call(blobs, "sync", "gathering the weights")
+            self._unchecked_loads = loads
+            return time.perf_counter() - started
         self.watchdog.settle(blobs + list(loads.values()), "sync", "the weight sync")
         self._learner_call(blobs[1:], "sync", "gathering the weights")  # other ranks return None
         _, lost = self._settle(loads, "sync", "the weight sync")
         if lost:  # a load also fails when rank 0 died making the blob: that is the learner's loss
             self._learner_call([l.ready.remote() for l in self.learners], "sync", "checking the learners")
-        self._weights = (version, blobs[0])
-        for i in lost:
-            self._replace_worker(i)  # a replacement loads these same weights before it is used
+        for i in sorted(lost, reverse=True):
+            self._recover(i, self.workers[i])  # a replacement loads these same weights before it is used
         return time.perf_counter() - started
 
     def export(self, folder: Path) -> None:
@@ -192,10 +251,10 @@ class Fleet:
                     index, event["restart_seconds"], version)
         self.events.append(event)
 
-    def _start_current_workers(self, indices) -> tuple[list, int]:
+    def _start_current_workers(self, indices, node_id: str | None = None) -> tuple[list, int]:
         """New rollout workers in these slots, up and holding the current weights before any use;
         returns them and the policy version they hold (0 before the first sync: the model folder's)."""
-        workers = {f"rollout-{i}": self._start_worker(i) for i in indices}
+        workers = {f"rollout-{i}": self._start_worker(i, node_id) for i in indices}
         self._await_ready(workers)
         version = 0
         if self._weights is not None:
@@ -227,6 +286,23 @@ class Fleet:
                             "seconds": round(time.perf_counter() - started, 2)})
         log.info("rollout workers: %d -> %d in %.1f s", before, len(self.workers), time.perf_counter() - started)
 
+    def grow_onto_new_nodes(self, max_workers: int) -> None:
+        """Start rollout workers on nodes that joined the cluster since the last look, as many as
+        fit on each, until the pool holds `max_workers`. They hold the current weights first."""
+        nodes = alive_nodes()
+        joined = [node for node in nodes if node not in self._known_nodes]
+        self._known_nodes = set(nodes)
+        for node in joined:
+            count = min(max_workers - len(self.workers), self._placement.workers_that_fit(nodes[node]))
+            if count <= 0:
+                continue
+            before, started = len(self.workers), time.perf_counter()
+            self.workers.extend(self._start_current_workers(range(before, before + count), node)[0])
+            seconds = round(time.perf_counter() - started, 2)
+            self.events.append({"event": "rollout_workers_scaled", "from": before, "to": len(self.workers),
+                                "reason": "node_joined", "node": node, "seconds": seconds})
+            log.info("a node joined the cluster: rollout workers %d -> %d in %.1f s", before, len(self.workers), seconds)
+
     def drain_events(self) -> list[dict]:
         events, self.events = self.events, []
         return events
@@ -237,6 +313,25 @@ class Fleet:
         ray.wait(closing, num_returns=len(closing), timeout=30)
         for actor in self.workers + self.learners:
             _kill(actor)
+
+
+class RolloutCall:
+    """A generation submitted to the workers and not yet collected (or collected: `trajectories`)."""
+
+    def __init__(self, questions: list[Question], samples_per_question: int, sampling, seed: int | None):
+        self.questions, self.samples_per_question = questions, samples_per_question
+        self.sampling, self.seed = sampling, seed
+        self.pending: list[_Share] = []
+        self.trajectories: list[Trajectory] | None = None
+
+
+@dataclass(frozen=True)
+class _Share:
+    slot: int  # the worker's index in the pool
+    part: int  # which share of the questions: fixes its seed, wherever it is redone
+    questions: list[Question]
+    worker: object  # the actor handle it was sent to (a replacement is a different handle)
+    ref: object
 
 
 def _named(role: str, actors: list) -> dict[str, object]:

@@ -13,7 +13,7 @@ import socket
 
 import ray
 from ray.util.placement_group import placement_group
-from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
 
 from innerloop.distributed.config import Config
 from innerloop.distributed.errors import RunStopped
@@ -89,11 +89,27 @@ class Placement:
     def learner_options(self, rank: int) -> dict:
         return self._options(rank, self._cfg.learner.gpus_per_rank)
 
-    def rollout_options(self, index: int) -> dict:
-        if index >= self._cfg.rollout.workers:  # added while running (innerloop scale): outside the group
+    def rollout_options(self, index: int, node_id: str | None = None) -> dict:
+        """`node_id`: start it on that node (a node that joined the cluster mid-run)."""
+        if index >= self._cfg.rollout.workers:  # added while running: outside the placement group
             gpus = self._cfg.rollout.gpus_per_worker
-            return {"num_cpus": 1, **({"num_gpus": gpus} if gpus else {})}
+            options = {"num_cpus": 1, **({"num_gpus": gpus} if gpus else {})}
+            if node_id is not None:
+                options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node_id, soft=False)
+            return options
         return self._options(self._cfg.learner.ranks + index, self._cfg.rollout.gpus_per_worker)
+
+    def workers_that_fit(self, node_resources: dict[str, float]) -> int:
+        """Rollout workers a node can host: one per GPU share on a GPU node, one on a CPU-only node."""
+        gpus = self._cfg.rollout.gpus_per_worker
+        if gpus > 0:
+            return int(node_resources.get("GPU", 0.0) // gpus)
+        return 1 if node_resources.get("CPU", 0.0) >= 1 else 0
+
+
+def alive_nodes() -> dict[str, dict[str, float]]:
+    """Node id -> total resources, of every node of the cluster that is alive now."""
+    return {node["NodeID"]: node.get("Resources", {}) for node in ray.nodes() if node.get("Alive")}
 
 
 def remote_class(cls, options: dict):

@@ -69,10 +69,18 @@ class QuestionStream:
         return self._cached_order
 
     def take(self, count: int) -> list[Question]:
+        """The next `count` distinct questions. Where an epoch ends inside a take, a question the new
+        epoch repeats from the same take is passed over: a step's groups must be distinct questions."""
         size = len(self._questions)
-        taken = []
-        for index in range(self.position, self.position + count):
-            epoch, offset = divmod(index, size)
-            taken.append(self._questions[self._order(epoch)[offset]])
-        self.position += count
+        if count > size:
+            raise ValueError(f"a step takes {count} questions but the training pool holds only {size}; "
+                             "lower rollout.questions_per_step or add questions")
+        taken, seen = [], set()
+        while len(taken) < count:
+            epoch, offset = divmod(self.position, size)
+            question = self._questions[self._order(epoch)[offset]]
+            self.position += 1
+            if question.question_id not in seen:
+                seen.add(question.question_id)
+                taken.append(question)
         return taken

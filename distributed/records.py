@@ -70,6 +70,7 @@ class TrainingSample:
     sampler_logprobs: tuple[float, ...]  # [P + C] 0 on prompt positions; the sampler's on completion
     advantage: float  # the same for every token of the trajectory
     update: bool = True  # False: excluded from the policy-gradient term (update subsets)
+    staleness: int = 0  # policy versions between the sampler's weights and the learner's (asynchronous)
 
 
 @dataclass(frozen=True)

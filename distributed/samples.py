@@ -20,21 +20,28 @@ def group_by_question(trajectories: list[Trajectory]) -> list[list[Trajectory]]:
     return list(groups.values())
 
 
-def build_samples(groups: list[list[Trajectory]], algorithm: AlgorithmConfig) -> list[TrainingSample]:
-    """One training sample per trajectory, with its group-relative advantage."""
+def build_samples(groups: list[list[Trajectory]], algorithm: AlgorithmConfig, seed: int = 0,
+                  learner_version: int | None = None) -> list[TrainingSample]:
+    """One training sample per trajectory, with its group-relative advantage over all G, and
+    `update` set on the seeded random `algorithm.update_subset` of each group (all G when None).
+    `learner_version`: the policy version being updated; older trajectories are marked stale."""
     sizes = {len(g) for g in groups}
     if len(sizes) != 1:
         raise ValueError(f"every group must hold the same number of trajectories, got sizes {sorted(sizes)}")
     rewards = torch.tensor([[t.reward for t in g] for g in groups], dtype=torch.float32)  # [Q, G]
     advantages = grpo.group_advantages(rewards, algorithm.advantage_scale)  # [Q, G]
+    num_groups, G = rewards.shape
+    m = G if algorithm.update_subset is None else algorithm.update_subset
+    # Its own generator: the subset depends only on the seed, never on other torch random draws.
+    update = grpo.update_subset_mask(num_groups, G, m, torch.Generator().manual_seed(seed))  # [Q * G]
+    trajectories = [t for group in groups for t in group]
     return [
-        _sample(t, float(a))
-        for group, row in zip(groups, advantages)
-        for t, a in zip(group, row.tolist())
+        _sample(t, float(a), bool(u), 0 if learner_version is None else learner_version - t.policy_version)
+        for t, a, u in zip(trajectories, advantages.reshape(-1).tolist(), update.tolist())
     ]
 
 
-def _sample(trajectory: Trajectory, advantage: float) -> TrainingSample:
+def _sample(trajectory: Trajectory, advantage: float, update: bool, staleness: int) -> TrainingSample:
     prompt, completion = trajectory.prompt_ids, trajectory.completion_ids
     if len(trajectory.logprobs) != len(completion):
         raise ValueError(f"trajectory of {trajectory.question_id} has {len(trajectory.logprobs)} log-probs for "
@@ -44,6 +51,8 @@ def _sample(trajectory: Trajectory, advantage: float) -> TrainingSample:
         loss_mask=(0,) * len(prompt) + (1,) * len(completion),
         sampler_logprobs=(0.0,) * len(prompt) + trajectory.logprobs,
         advantage=advantage,
+        update=update,
+        staleness=staleness,
     )
 
 
@@ -51,4 +60,5 @@ def loss_normalizers(samples: list[TrainingSample], algorithm: AlgorithmConfig) 
     """Counts over the whole step's batch that every rank divides its loss by."""
     loss_mask = collate(samples, pad_id=0).loss_mask
     update_mask = torch.tensor([s.update for s in samples], dtype=torch.bool)
-    return grpo.loss_normalizers(loss_mask, update_mask, algorithm.aggregation)
+    return grpo.loss_normalizers(loss_mask, update_mask, algorithm.aggregation,
+                                 algorithm.mask_kl_and_entropy_by_update)

@@ -20,6 +20,7 @@ class MicroBatch:
     sampler_logprobs: torch.Tensor  # [B, T] float, the rollout engine's log-probs (0 on prompt)
     advantages: torch.Tensor  # [B] float
     update_mask: torch.Tensor  # [B] bool, False: no policy-gradient term
+    stale: torch.Tensor  # [B] bool, sampled by an older policy than the learner's (importance-weighted)
 
     def to(self, device: torch.device | str) -> "MicroBatch":
         """The same batch on `device` (the learner's GPU); a no-op where it already is."""
@@ -43,6 +44,7 @@ def collate(samples: list[TrainingSample], pad_id: int) -> MicroBatch:
         sampler_logprobs=padded([s.sampler_logprobs for s in samples], 0.0, torch.float32),
         advantages=torch.tensor([s.advantage for s in samples], dtype=torch.float32),
         update_mask=torch.tensor([s.update for s in samples], dtype=torch.bool),
+        stale=torch.tensor([s.staleness > 0 for s in samples], dtype=torch.bool),
     )
 
 

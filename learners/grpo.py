@@ -41,10 +41,16 @@ Dr.GRPO: Liu et al. 2025; the update subset: Liu et al. 2025, arXiv 2505.19815)
    `mask_kl_and_entropy_by_update`.
 7. Optional entropy bonus (not in GRPO): loss -= entropy_coef * entropy.
 8. Log-probs and entropy are of logits / temperature, to match a sampler that used a temperature.
+9. Stale trajectories (asynchronous rollouts) were sampled by an older policy mu. Their
+   policy-gradient tokens are weighted by min(pi / mu, cap), pi the learner's current policy
+   (detached) and mu the sampler's log-probs: truncated importance sampling (Espeholt et al. 2018's
+   truncation, as applied to LLM rollouts by Yao et al. 2025). Fresh trajectories get weight 1, so
+   the synchronous trainer's loss is unchanged; the weight is not clipped from below.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, Mapping, TypeVar
 
@@ -157,6 +163,20 @@ def clipped_surrogate(
     return -torch.where(clipped, bounded, unclipped), clipped
 
 
+# ---------------------------------------------------------------- off-policy correction
+
+
+def truncated_is_weights(
+    logprobs: Tensor,  # [B, T] the learner's current policy (detached inside)
+    sampler_logprobs: Tensor,  # [B, T] the policy that sampled
+    stale: Tensor,  # [B] bool: sampled by an older policy than the learner's
+    cap: float,
+) -> Tensor:  # [B, T], 1 on rows that are not stale
+    """Per-token min(pi / mu, cap) on stale rows (departure 9), 1 elsewhere; no gradient."""
+    log_ratio = (logprobs.detach() - sampler_logprobs).clamp(max=math.log(cap))
+    return torch.where(stale.bool().unsqueeze(1), torch.exp(log_ratio), torch.ones_like(log_ratio))
+
+
 # ---------------------------------------------------------------- aggregation
 
 
@@ -262,6 +282,7 @@ def grpo_loss(
     entropy: Tensor | None = None,  # [B, T] from entropy_from_logits; required when entropy_coef != 0
     entropy_coef: float = 0.0,
     mask_kl_and_entropy_by_update: bool = False,
+    is_weights: Tensor | None = None,  # [B, T] from truncated_is_weights; None: all 1
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """loss = policy_loss + kl_coef * kl - entropy_coef * entropy, each aggregated over this piece
     and divided by the global normalizers. Metrics are detached float64 scalars, all additive."""
@@ -287,6 +308,8 @@ def grpo_loss(
     # exp() finite, so a masked-out inf cannot turn into a NaN gradient.
     safe_old = torch.where(policy_mask, old_logprobs, logprobs.detach())
     per_token, clipped = clipped_surrogate(logprobs, safe_old, advantages, clip_low, clip_high)
+    weights = torch.ones_like(per_token) if is_weights is None else torch.where(policy_mask, is_weights, 1.0)
+    per_token = per_token * weights
     policy_loss = aggregate(per_token, policy_mask, normalizers.policy, aggregation)
 
     kl = zero
@@ -307,6 +330,7 @@ def grpo_loss(
         "clipped_tokens": (clipped & policy_mask).sum(),
         "policy_tokens": policy_mask.sum(),
         "tokens": loss_mask.sum(),
+        "is_weight_sum": torch.where(policy_mask, weights, 0.0).sum(),  # / policy_tokens: the mean weight
     }
     return loss, _detach(metrics)
 
@@ -343,4 +367,6 @@ def finalize_metrics(summed: Mapping[str, Tensor | float]) -> dict[str, float]:
     out = {k: float(v) for k, v in summed.items()}
     if "clipped_tokens" in out:
         out["clip_fraction"] = out["clipped_tokens"] / max(out["policy_tokens"], 1.0)
+    if "is_weight_sum" in out:
+        out["is_weight_mean"] = out.pop("is_weight_sum") / max(out["policy_tokens"], 1.0)
     return out

@@ -165,14 +165,19 @@ class Learner:
             started = time.perf_counter()
             ref_logprobs = self._reference_logprobs(batch)
             self._reference_seconds += time.perf_counter() - started
-        # One optimizer step per batch of fresh rollouts: the policy that sampled is the one being
-        # updated, so the old log-probs are the current ones, detached (ratio 1, clip inactive).
+        # One optimizer step per batch: the old log-probs are the current ones, detached (ratio 1,
+        # clip inactive). Trajectories sampled by an older policy (asynchronous rollouts) are
+        # importance-weighted instead, against the sampler's log-probs.
+        is_weights = None
+        if bool(batch.stale.any()):
+            is_weights = grpo.truncated_is_weights(logprobs, batch.sampler_logprobs, batch.stale, algo.tis_cap)
         loss, metrics = grpo.grpo_loss(
             logprobs=logprobs, old_logprobs=logprobs.detach(), advantages=batch.advantages,
             loss_mask=batch.loss_mask, update_mask=batch.update_mask, normalizers=normalizers,
             clip_low=algo.clip_low, clip_high=algo.clip_high, aggregation=algo.aggregation,
             kl_coef=algo.kl_coef, kl_estimator=algo.kl_estimator, ref_logprobs=ref_logprobs,
-            entropy=entropy, entropy_coef=algo.entropy_coef)
+            entropy=entropy, entropy_coef=algo.entropy_coef,
+            mask_kl_and_entropy_by_update=algo.mask_kl_and_entropy_by_update, is_weights=is_weights)
         # How far the rollout engine's log-probs are from the learner's (weight-sync and numerics check).
         mask = batch.loss_mask.bool()
         metrics["sampler_gap_sum"] = (logprobs.detach() - batch.sampler_logprobs).abs()[mask].sum().double()

@@ -24,23 +24,33 @@ class FakeFleet:
         self.lose_learner_at, self.nonfinite_at = set(lose_learner_at), set(nonfinite_at)
         self.update_calls, self.applied, self.restarts = 0, 0, 0
         self.synced: list[int] = []
+        self.engine_version = 0  # the weights version the (fake) engines hold
+        self.staleness: list[list[int]] = []  # per update: the staleness values its samples carried
         self.seeds: list[int | None] = []
         self.last_rollout_seconds = {"engine": 0.0, "score": 0.0}
         self.workers = ["worker-0"]
         self.on_update = None  # called after each update: a test's hook into the middle of a run
 
     def generate(self, questions, samples_per_question, sampling=None, seed=None):
+        return self.collect(self.submit(questions, samples_per_question, sampling, seed))
+
+    def submit(self, questions, samples_per_question, sampling=None, seed=None):
+        """Generates at once, with the weights version synced last (a real worker's queue order)."""
         from innerloop.distributed.records import Trajectory
 
         self.seeds.append(seed)
         return [Trajectory(q.question_id, (1, 2), (3, 4), (-0.5, -0.5), "stop", "text", reward=float(i % 2),
-                           correct=bool(i % 2), formatted=True, policy_version=self.applied)
+                           correct=bool(i % 2), formatted=True, policy_version=self.engine_version)
                 for q in questions for i in range(samples_per_question)]
+
+    def collect(self, call):
+        return call
 
     def update(self, samples, normalizers):
         from innerloop.distributed.fleet import LearnerLost
 
         self.update_calls += 1
+        self.staleness.append(sorted({sample.staleness for sample in samples}))
         if self.update_calls in self.lose_learner_at:
             raise LearnerLost("a learner rank died during the policy update: (test double)")
         if self.on_update:
@@ -50,8 +60,9 @@ class FakeFleet:
         return {"loss": float("nan") if skipped else 0.5, "step_skipped": float(skipped), "grad_norm": 1.0,
                 "applied_updates": float(self.applied)}
 
-    def sync_weights(self, version):
+    def sync_weights(self, version, wait=True):
         self.synced.append(version)
+        self.engine_version = version
 
     def save_learners(self, folder, tag):
         folder.mkdir(parents=True, exist_ok=True)
@@ -70,6 +81,9 @@ class FakeFleet:
 
     def resize_workers(self, count):
         self.workers = [f"worker-{i}" for i in range(count)]
+
+    def grow_onto_new_nodes(self, max_workers):
+        pass
 
     def drain_events(self):
         return []
