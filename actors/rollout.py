@@ -13,6 +13,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from innerloop.actors.prompts import chat_prompt_ids
 from innerloop.distributed.config import RewardConfig, RolloutConfig, SamplingConfig
 from innerloop.distributed.records import Question, Rollout, Trajectory
 from innerloop.distributed.watchdog import install_stack_dump
@@ -84,11 +85,7 @@ class RolloutWorker:
 
     def prompt_ids(self, question: Question) -> list[int]:
         """The chat-templated prompt, tokenized once so trajectories carry exact prompt ids."""
-        messages = [{"role": "user", "content": self._prompt_template.format(question=question.prompt)}]
-        if self._system_prompt:
-            messages.insert(0, {"role": "system", "content": self._system_prompt})
-        text = self._tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return self._tokenizer.encode(text, add_special_tokens=False)
+        return chat_prompt_ids(self._tokenizer, question.prompt, self._system_prompt, self._prompt_template)
 
     def generate(self, questions: list[Question], samples_per_question: int,
                  sampling: SamplingConfig | None = None, seed: int | None = None) -> Rollout:

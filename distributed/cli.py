@@ -1,4 +1,4 @@
-"""The `innerloop` command: train, eval, checkpoints, questions, prepare-model."""
+"""The `innerloop` command: train, eval, checkpoints, questions, report, probe, prepare-model."""
 
 from __future__ import annotations
 
@@ -75,6 +75,14 @@ def _parser() -> argparse.ArgumentParser:
                            help="heatmap rows at most; more questions: the N most visited (default 100)")
     questions.add_argument("--json", metavar="FILE", help="write the whole history as JSON")
     questions.set_defaults(handler=_questions)
+
+    report = commands.add_parser("report", help="one self-contained HTML page about a run: curves, phase "
+                                 "times, probe, per-question heatmap, events, config")
+    report.add_argument("run_dir", help="the run directory")
+    report.add_argument("--out", metavar="FILE", help="where to write it (default: RUN_DIR/report.html)")
+    report.set_defaults(handler=_report)
+
+    _add_probe(commands)
 
     prepare = commands.add_parser("prepare-model", help="convert and cache the default demo model")
     prepare.add_argument("--force", action="store_true", help="rebuild the cached folder")
@@ -216,6 +224,63 @@ def _questions(args) -> int:
     if args.heatmap:
         history.write_heatmap(histories, args.heatmap, max_rows=args.max_rows)
         print(f"heatmap written to {args.heatmap}")
+    return 0
+
+
+def _report(args) -> int:
+    from innerloop.distributed.report import ReportError, write_report
+
+    try:
+        out = write_report(args.run_dir, args.out)
+    except ReportError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"report written to {out}")
+    return 0
+
+
+def _add_probe(commands) -> None:
+    from innerloop.distributed import probe_run as defaults  # no torch: cheap at parser time
+
+    probe = commands.add_parser("probe", help="inner-loop loss curves: the answer's NLL after each trajectory "
+                                "prefix, on sampled held-out trajectories (see docs/probe.md)")
+    probe.add_argument("model", help="a Hugging Face model folder, a checkpoint folder, or the default alias")
+    probe.add_argument("--out", required=True, metavar="DIR", help="where probe.jsonl, probe_summary.jsonl and "
+                       "the PNG go (appended to if they exist)")
+    probe.add_argument("--config", help="the training config (for tasks, reward and rollout sampling)")
+    probe.add_argument("--questions", type=int, default=defaults.DEFAULT_QUESTIONS, metavar="N",
+                       help=f"held-out questions probed (default {defaults.DEFAULT_QUESTIONS})")
+    probe.add_argument("--samples", type=int, default=defaults.DEFAULT_SAMPLES, metavar="G",
+                       help=f"trajectories per question (default {defaults.DEFAULT_SAMPLES})")
+    probe.add_argument("--suffix", default=defaults.DEFAULT_SUFFIX, metavar="TEXT",
+                       help="appended after each prefix; {answer} marks the scored reference answer "
+                            "(default: the paper's; pass newlines as real ones, e.g. bash $'...')")
+    probe.add_argument("--every", type=int, default=defaults.DEFAULT_EVERY, metavar="K",
+                       help="probe after every K-th token (default 1: every token)")
+    probe.add_argument("--words", default=",".join(defaults.DEFAULT_WORDS), metavar="W1,W2",
+                       help="words whose first tokens the attribution singles out (default: %(default)s)")
+    probe.add_argument("--label", help="names this probe in the files (default: the model folder's name)")
+    probe.add_argument("--dtype", choices=["float32", "auto"], default="float32",
+                       help="the transformers model's dtype; auto: the model config's (default float32)")
+    _add_overrides(probe)
+    probe.set_defaults(handler=_probe)
+
+
+def _probe(args) -> int:
+    import re
+
+    from innerloop.distributed.probe_command import ProbeOptions, format_cost, run_probe
+    from innerloop.distributed.probe_run import format_groups
+
+    cfg = load_config(args.config, args.overrides)
+    label = args.label or re.sub(r"[^A-Za-z0-9._-]+", "-", Path(args.model).name) or "model"
+    words = tuple(w.strip() for w in args.words.split(","))
+    options = ProbeOptions(Path(args.out), label, args.questions, args.samples, args.suffix, args.every, words,
+                           args.dtype)
+    run = run_probe(cfg, args.model, options)
+    print(format_groups(run.groups))
+    print(format_cost(run.cost, run.seconds, len(run.records)))
+    print(f"curves written to {Path(args.out) / 'probe.jsonl'}; plot {run.plot}")
     return 0
 
 

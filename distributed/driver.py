@@ -93,8 +93,9 @@ class Trainer:
         latest = checkpoints.latest_good(self.run.checkpoints) if from_checkpoint else None
         if latest is None:
             self.run.rewind(0 if from_checkpoint else None)
-            if from_checkpoint:  # restarted learners hold the initial weights: so must the engines
-                actors.sync_weights(0)
+            # The engines start from the learners' weights, tagged version 0: restarted learners hold
+            # the initial weights again, and a fleet handed in may have trained before.
+            actors.sync_weights(0)
             self._nonfinite_steps = 0
             return 0, QuestionStream(train_questions, self.cfg.train.seed)
         state = checkpoints.load(latest, actors)
@@ -150,6 +151,8 @@ class Trainer:
                     self._evaluate(actors, eval_questions, step, f"step_{step}")
                 if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0:
                     self._checkpoint(actors, step, ahead.trained_position())
+        ahead.finish_submitted()  # nothing left running on the workers, and the last weights arrived
+        actors.check_loads()
         if step > start_step and not (cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0):
             self._checkpoint(actors, step, ahead.trained_position())  # the last step is always saved
         return step

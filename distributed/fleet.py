@@ -124,7 +124,7 @@ class Fleet:
         if call.trajectories is not None:
             return call.trajectories
         phase = "generate" if call.sampling is None else "eval"
-        self._check_loads()
+        self.check_loads()
         by_question: dict[str, list[Trajectory]] = {}
         while call.pending:
             done, lost = self._settle(dict(enumerate(s.ref for s in call.pending)), phase, "generation")
@@ -163,7 +163,7 @@ class Fleet:
             if moved is not None:
                 self._locations[f"rollout-{index}"] = moved
 
-    def _check_loads(self) -> None:
+    def check_loads(self) -> None:
         """Weight loads not waited for (asynchronous sync) must have succeeded. A dead worker is not
         handled here: its queued generation fails too, and `collect` recovers it."""
         if self._unchecked_loads:
@@ -183,7 +183,7 @@ class Fleet:
         and are checked at the next `collect`; only the learners' side is waited for.
         """
         started = time.perf_counter()
-        self._check_loads()
+        self.check_loads()
         blobs = [l.weights_blob.remote() for l in self.learners]  # all ranks: ZeRO-3 gathers together
         # The workers take rank 0's blob straight from the object store: it never passes the driver.
         loads = {i: w.load_weights.remote(blobs[0], version) for i, w in enumerate(self.workers)}

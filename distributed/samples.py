@@ -62,3 +62,9 @@ def loss_normalizers(samples: list[TrainingSample], algorithm: AlgorithmConfig) 
     update_mask = torch.tensor([s.update for s in samples], dtype=torch.bool)
     return grpo.loss_normalizers(loss_mask, update_mask, algorithm.aggregation,
                                  algorithm.mask_kl_and_entropy_by_update)
+
+
+def sft_normalizer(samples: list[TrainingSample], aggregation: str) -> float:
+    """The SFT loss's divisor over the whole step's batch: its loss tokens or sequences (at least 1).
+    Count it under the aggregation the learner uses (`algorithm.aggregation`)."""
+    return grpo.global_normalizer(collate(samples, pad_id=0).loss_mask, aggregation)

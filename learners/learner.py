@@ -14,6 +14,7 @@ import random
 import shutil
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -21,7 +22,7 @@ from innerloop.distributed.config import AlgorithmConfig, LearnerConfig
 from innerloop.distributed.records import TrainingSample
 from innerloop.distributed.watchdog import install_stack_dump
 from innerloop.learners import grpo
-from innerloop.learners.batching import collate, micro_batches, shard_for_rank
+from innerloop.learners.batching import MicroBatch, collate, micro_batches, shard_for_rank
 from innerloop.learners.logprobs import entropy_from_logits, token_logprobs
 
 log = logging.getLogger(__name__)
@@ -115,6 +116,26 @@ class Learner:
         `normalizers` are counts over the whole batch, so the losses of all ranks and micro-batches
         sum to the full-batch loss. Returns additive metric sums (the driver adds ranks together).
         """
+        self._reference_seconds = 0.0
+        sums = self._optimizer_step(samples, lambda batch: self._micro_batch_loss(batch, normalizers))
+        sums["reference_seconds"] = self._reference_seconds  # inside update_seconds; 0 without KL
+        return sums
+
+    def sft_update(self, samples: list[TrainingSample], normalizer: float) -> dict[str, float]:
+        """One optimizer step of supervised fine-tuning: the negative log-likelihood of the samples'
+        loss-mask tokens (the trajectory to imitate), under the policy GRPO trains (logits / the
+        sampler's temperature), aggregated by `algorithm.aggregation`.
+
+        `normalizer`: `samples.sft_normalizer(whole batch, algorithm.aggregation)`. Returns additive
+        metric sums like `update` ("loss", "nll", "tokens", grad_norm, learning_rate, ...).
+        """
+        return self._optimizer_step(samples, lambda batch: self._micro_batch_nll(batch, normalizer))
+
+    def _optimizer_step(self, samples: list[TrainingSample],
+                        micro_batch_loss: Callable[[MicroBatch], tuple[torch.Tensor, dict[str, torch.Tensor]]],
+                        ) -> dict[str, float]:
+        """Forward and backward every micro-batch of this rank's share, then one optimizer step.
+        `micro_batch_loss` returns a loss already divided by a whole-batch normalizer, and additive metrics."""
         started = time.perf_counter()
         mine = micro_batches(shard_for_rank(samples, self.rank, self.world_size), self._cfg.micro_batch_size)
         self.engine.set_train_batch_size(len(mine) * self._cfg.micro_batch_size * self.world_size)
@@ -124,11 +145,10 @@ class Learner:
         pieces = []
         learning_rate = float(self.engine.get_lr()[0])  # the rate this step uses, before the schedule moves
         self.engine.train()
-        self._reference_seconds = 0.0
         finite = True
         for chunk in mine:
             batch = collate(chunk, self._pad_id).to(self.engine.device)
-            loss, metrics = self._micro_batch_loss(batch, normalizers)
+            loss, metrics = micro_batch_loss(batch)
             finite = finite and bool(torch.isfinite(loss))
             # A non-finite loss is still backpropagated: every rank must take part in the gradient
             # reduction, and DeepSpeed's overflow check then skips the step on all ranks together.
@@ -147,8 +167,13 @@ class Learner:
         sums["grad_norm"] = grad_norm
         sums["learning_rate"] = learning_rate
         sums["update_seconds"] = time.perf_counter() - started
-        sums["reference_seconds"] = self._reference_seconds  # inside update_seconds; 0 without KL
         return sums
+
+    def _micro_batch_nll(self, batch: MicroBatch, normalizer: float):
+        start = _first_predicting_position(batch.loss_mask)
+        logits = self._tail_logits(self.engine, batch, start)
+        logprobs = _left_pad(token_logprobs(logits, batch.input_ids[:, start:], temperature=self._temperature), start)
+        return grpo.sft_nll_loss(logprobs, batch.loss_mask, normalizer, self._algo.aggregation)
 
     def _micro_batch_loss(self, batch, normalizers: grpo.LossNormalizers):
         start = _first_predicting_position(batch.loss_mask)

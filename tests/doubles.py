@@ -82,6 +82,9 @@ class FakeFleet:
     def resize_workers(self, count):
         self.workers = [f"worker-{i}" for i in range(count)]
 
+    def check_loads(self):
+        pass
+
     def grow_onto_new_nodes(self, max_workers):
         pass
 

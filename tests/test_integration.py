@@ -135,20 +135,22 @@ class GenerateCall:
 
 @contextmanager
 def recording_generate(fleet):
-    """Every fleet.generate call the driver makes, with what it returned."""
+    """Every generation the driver collects (training and eval), with what it returned."""
     calls: list[GenerateCall] = []
-    real = fleet.generate
+    real = fleet.collect
 
-    def spy(questions, samples_per_question, sampling=None, seed=None):
-        out = real(questions, samples_per_question, sampling, seed)
-        calls.append(GenerateCall(len(questions), samples_per_question, sampling is not None, out))
+    def spy(call):
+        fresh = call.trajectories is None  # a generation drained early is collected twice; count it once
+        out = real(call)
+        if fresh:
+            calls.append(GenerateCall(len(call.questions), call.samples_per_question, call.sampling is not None, out))
         return out
 
-    fleet.generate = spy
+    fleet.collect = spy  # generate() is submit() then collect(): both the driver's paths pass here
     try:
         yield calls
     finally:
-        del fleet.generate
+        del fleet.collect
 
 
 @dataclass
@@ -226,9 +228,9 @@ def resumed(stack, trained, tmp_path_factory) -> ResumedRun:
     restored: list[torch.Tensor] = []
     real_sync = stack.fleet.sync_weights
 
-    def sync_spy(version):
+    def sync_spy(version, wait=True):
         restored.append(stack.learner_logprobs())
-        return real_sync(version)
+        return real_sync(version, wait)
 
     stack.fleet.sync_weights = sync_spy
     try:
@@ -528,6 +530,31 @@ def test_innerloop_scale_grows_the_rollout_pool_of_a_running_job(stack, tmp_path
         stack.fleet.resize_workers(1)  # the shared fleet goes back to one engine
         stack.fleet.drain_events()
     assert len(stack.fleet.workers) == 1
+
+
+@pytest.mark.integration
+def test_asynchronous_rollouts_train_on_trajectories_one_version_old_with_importance_weights(stack, tmp_path):
+    """rollout.asynchronous with max_staleness 1: each step after the first trains on trajectories the
+    engine sampled one policy version back; they carry importance weights, and at the end the engine
+    holds exactly the learner's weights."""
+    cfg = load_config(None, [*_overrides(stack.model), "train.steps=3", "eval.before_and_after=false",
+                             "train.export_final_model=false", "rollout.asynchronous=true",
+                             "rollout.max_staleness=1"])
+    run_dir = tmp_path / "run"
+    with recording_generate(stack.fleet) as calls:
+        result = Trainer(cfg, run_dir).train(actors=stack.fleet)
+    assert result.steps_done == 3
+    assert all(len(c.trajectories) == c.questions * c.samples_per_question for c in calls)
+    lines = [json.loads(line) for line in (run_dir / "trajectories.jsonl").read_text().splitlines()]
+    staleness = {(line["step"], line["staleness"]) for line in lines}
+    assert staleness == {(1, 0), (2, 1), (3, 1)}
+    records = [r for r in (json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines())
+               if "policy_version" in r]
+    # A fresh batch is not weighted; a stale one is, by min(pi / mu, cap): different from 1, never above the cap.
+    assert records[0]["is_weight_mean"] == 1.0
+    assert all(0.0 < r["is_weight_mean"] <= cfg.algorithm.tis_cap and r["is_weight_mean"] != 1.0 for r in records[1:])
+    assert [r["staleness_max"] for r in records] == [0, 1, 1]
+    torch.testing.assert_close(stack.engine_logprobs(), stack.learner_logprobs(), atol=LOGPROB_ATOL, rtol=0)
 
 
 def _when(condition, action, timeout: float = 300.0) -> None:

@@ -50,7 +50,7 @@ def test_a_dead_learner_restores_the_last_checkpoint_and_every_step_is_logged_on
     events = [r for r in RunDir(tmp_path / "lost").read_metrics() if r.get("event") == "learners_restarted"]
     assert len(events) == 1 and events[0]["step"] == 2 and "learner rank died" in events[0]["reason"]
     # The engines got the restored weights' version before generating again.
-    assert fleet.synced[:4] == [1, 2, 3, 2]
+    assert fleet.synced[:5] == [0, 1, 2, 3, 2]  # 0: the start; 2: the restored checkpoint
 
 
 def test_learner_deaths_beyond_the_limit_stop_with_a_clear_error(tmp_path):
@@ -64,7 +64,7 @@ def test_a_dead_learner_before_any_checkpoint_starts_the_run_over(tmp_path):
     cfg = config("train.checkpoint_every=0", "train.steps=3")
     fleet = FakeFleet(cfg, lose_learner_at=[2])
     Trainer(cfg, tmp_path / "run").train(fleet)
-    assert fleet.synced[:2] == [1, 0]  # the restarted learners' initial weights go to the engines
+    assert fleet.synced[:3] == [0, 1, 0]  # the restarted learners' initial weights go to the engines
     assert [r["step"] for r in step_records(tmp_path / "run")] == [1, 2, 3]
     assert fleet.applied == 3
 

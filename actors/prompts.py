@@ -1,0 +1,20 @@
+"""The chat-templated prompt a question becomes: one function, so the rollout worker and the SFT
+sample builder ask the policy in exactly the same tokens.
+
+Imports nothing heavy: the tokenizer is passed in (vLLM's, or one loaded with transformers).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def chat_prompt_ids(tokenizer: Any, question_text: str, system_prompt: str, prompt_template: str) -> list[int]:
+    """The question in `prompt_template` as the user turn (after `system_prompt`, when set), chat-templated
+    with the assistant's turn opened, as token ids."""
+    messages = [{"role": "user", "content": prompt_template.format(question=question_text)}]
+    if system_prompt:
+        messages.insert(0, {"role": "system", "content": system_prompt})
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    # The template already holds the special tokens; encoding must not add a second BOS.
+    return tokenizer.encode(text, add_special_tokens=False)

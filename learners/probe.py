@@ -1,0 +1,104 @@
+"""The inner-loop loss curve: how well the model predicts the reference answer after each prefix of a
+trajectory (PAPER.md, "Inner-loop loss curve").
+
+For prefix length i = 0..L of a completion y, the model reads prompt + y[:i] + suffix, where the suffix
+is a lead-in ("\\n\\n**Final Answer**\\n\\boxed{") followed by the reference answer's tokens, and the
+curve value is the mean negative log-likelihood (nats) of those answer tokens. Along a trajectory that
+adapts the model to the question (an inner loop), the curve should fall.
+
+Cost. A forward per prefix costs O(L) tokens each, O(L^2) in all. Here the prompt and completion are
+read once with a KV cache; each prefix reuses the cache cut to its length and only the suffix is read.
+Several prefixes share one batched forward: each row keeps the cache up to the batch's longest prefix
+and masks out the cached positions past its own prefix, so every row sees exactly its own context.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+
+@dataclass(frozen=True)
+class ProbeCurve:
+    positions: tuple[int, ...]  # [K] prefix lengths probed, ascending, from 0 to L
+    values: tuple[float, ...]  # [K] mean answer-token NLL (nats) after each of those prefixes
+
+
+def probe_positions(completion_length: int, every: int = 1) -> tuple[int, ...]:
+    """0, every, 2*every, ... and always L itself, so the curve ends where the trajectory ends."""
+    if every < 1:
+        raise ValueError(f"every must be at least 1 (probe every token), got {every}")
+    if completion_length < 0:
+        raise ValueError(f"a completion cannot have {completion_length} tokens")
+    positions = list(range(0, completion_length + 1, every))
+    if positions[-1] != completion_length:
+        positions.append(completion_length)
+    return tuple(positions)
+
+
+@torch.no_grad()
+def answer_nll_curve(model, prompt_ids: Sequence[int], completion_ids: Sequence[int], suffix_ids: Sequence[int],
+                     answer_len: int, every: int = 1, batch_size: int = 8) -> ProbeCurve:
+    """The curve at `probe_positions(len(completion_ids), every)`.
+
+    suffix_ids: the lead-in tokens then the answer tokens; the last `answer_len` of them are scored.
+    batch_size: prefixes per batched suffix forward (memory grows with it times the sequence length).
+    """
+    _check_inputs(prompt_ids, suffix_ids, answer_len, batch_size)
+    device = next(model.parameters()).device
+    context = torch.tensor([list(prompt_ids) + list(completion_ids)], device=device)
+    # Logits of the context are not needed, only its keys and values: keep one position's logits.
+    cache = model(input_ids=context, use_cache=True, logits_to_keep=1).past_key_values
+    layers = [(keys, values) for keys, values, *_ in cache]
+    _check_full_attention(cache)
+    positions = probe_positions(len(completion_ids), every)
+    values: list[float] = []
+    for start in range(0, len(positions), batch_size):
+        chunk = positions[start : start + batch_size]
+        values += _suffix_nll(model, layers, len(prompt_ids), chunk, suffix_ids, answer_len)
+    return ProbeCurve(positions, tuple(values))
+
+
+def _suffix_nll(model, layers, prompt_len: int, prefixes: Sequence[int], suffix_ids: Sequence[int],
+                answer_len: int) -> list[float]:
+    """Mean answer NLL for each prefix length in `prefixes`, in one forward over the suffix tokens."""
+    from transformers import DynamicCache
+
+    rows, width = len(prefixes), prompt_len + max(prefixes)
+    device = layers[0][0].device
+    # A fresh cache per call: the forward appends the suffix to it, the full context cache stays intact.
+    cache = DynamicCache([(k[:, :, :width].expand(rows, -1, -1, -1), v[:, :, :width].expand(rows, -1, -1, -1))
+                          for k, v in layers])
+    # The last answer token predicts nothing that is scored, so it is not fed.
+    fed = torch.tensor(list(suffix_ids[:-1]), device=device).expand(rows, -1)
+    context_len = torch.tensor([prompt_len + i for i in prefixes], device=device)
+    mask = torch.ones(rows, width + fed.shape[1], dtype=torch.long, device=device)
+    mask[:, :width] = (torch.arange(width, device=device) < context_len[:, None]).long()  # hide y[i:]
+    # Each row's suffix sits right after its own prefix, as in a forward over that prefix alone.
+    position_ids = context_len[:, None] + torch.arange(fed.shape[1], device=device)
+    logits = model(input_ids=fed, attention_mask=mask, position_ids=position_ids, past_key_values=cache,
+                   use_cache=True, logits_to_keep=answer_len).logits
+    targets = torch.tensor(list(suffix_ids[-answer_len:]), device=device).expand(rows, -1)
+    nll = -torch.log_softmax(logits.float(), dim=-1).gather(-1, targets[..., None]).squeeze(-1)
+    return nll.mean(dim=-1).tolist()
+
+
+def _check_inputs(prompt_ids: Sequence[int], suffix_ids: Sequence[int], answer_len: int, batch_size: int) -> None:
+    if not prompt_ids:
+        raise ValueError("the prompt is empty: the probe needs at least one prompt token before the trajectory")
+    if answer_len < 1:
+        raise ValueError(f"answer_len must be at least 1 (the answer's token count), got {answer_len}")
+    if len(suffix_ids) <= answer_len:
+        raise ValueError(f"the suffix has {len(suffix_ids)} tokens but the answer alone has {answer_len}: "
+                         "the suffix needs a lead-in (such as '\\boxed{') before the answer")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+
+
+def _check_full_attention(cache) -> None:
+    # A sliding-window layer keeps only its last W positions: cutting it to a prefix would be wrong.
+    if any(getattr(layer, "is_sliding", False) for layer in getattr(cache, "layers", ())):
+        raise ValueError("the model uses sliding-window attention layers; the cached probe supports only "
+                         "full-attention models")
