@@ -190,6 +190,31 @@ class TrainConfig(_Section):
     best_mode: Literal["max", "min"] = "max"
 
 
+class SftConfig(_Section):
+    # A supervised stage before GRPO (an SFT cold start): for `steps` steps the learner imitates
+    # verified-correct trajectories (negative log-likelihood), then the run goes on to GRPO's
+    # train.steps by itself. 0: no SFT stage.
+    steps: int = Field(0, ge=0)
+    # solutions: the task generator's worked step-by-step solutions; file: a JSONL file of
+    # {question_id, prompt, answer, completion}; teacher: a model's rollouts (a vLLM rollout worker).
+    source: Literal["solutions", "file", "teacher"] = "solutions"
+    path: str | None = None  # source: file
+    teacher: str | None = None  # source: teacher; a model folder or alias
+    teacher_samples: int = Field(8, ge=1)  # trajectories the teacher samples per question
+    # k: distinct verifier-correct trajectories per question, padded by repetition to exactly k, so
+    # every question is seen equally often.
+    distinct: int = Field(1, ge=1)
+    questions_per_step: int = Field(16, ge=1)  # an SFT step's batch is questions_per_step x distinct
+
+    @model_validator(mode="after")
+    def _source_needs_its_input(self) -> "SftConfig":
+        if self.source == "file" and not self.path:
+            raise ValueError("sft.source is 'file' but sft.path is not set; set sft.path=FILE.jsonl")
+        if self.source == "teacher" and not self.teacher:
+            raise ValueError("sft.source is 'teacher' but sft.teacher is not set; set sft.teacher=MODEL")
+        return self
+
+
 class RecoveryConfig(_Section):
     # A rollout worker whose process dies is replaced (its questions redone) up to this many times.
     max_worker_restarts: int = Field(3, ge=0)
@@ -226,6 +251,7 @@ class Config(_Section):
     learner: LearnerConfig = Field(default_factory=LearnerConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    sft: SftConfig = Field(default_factory=SftConfig)
     recovery: RecoveryConfig = Field(default_factory=RecoveryConfig)
     watchdog: WatchdogConfig = Field(default_factory=WatchdogConfig)
 
@@ -249,6 +275,21 @@ class Config(_Section):
                 f"(it picks m of each question's G trajectories for the policy-gradient term); "
                 f"set it in 1..{G}, or null to update all {G}")
         return self
+
+    @model_validator(mode="after")
+    def _sft_batch_divides(self) -> "Config":
+        samples = self.sft.questions_per_step * self.sft.distinct
+        per_pass = self.learner.ranks * self.learner.micro_batch_size
+        if self.sft.steps and samples % per_pass:
+            raise ValueError(
+                f"sft.questions_per_step x sft.distinct = {samples} samples per SFT step must divide evenly "
+                f"into learner.ranks x learner.micro_batch_size = {per_pass}; change sft.questions_per_step")
+        return self
+
+    @property
+    def total_steps(self) -> int:
+        """The run's steps: the SFT stage's, then GRPO's."""
+        return self.sft.steps + self.train.steps
 
     def fingerprint(self) -> str:
         """A short hash of the resolved config, recorded with checkpoints."""

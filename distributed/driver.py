@@ -17,14 +17,15 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from innerloop.distributed import checkpoints, fleet, history
+from innerloop.distributed import checkpoints, fleet, history, sft_stage
 from innerloop.distributed.config import Config, ConfigError
 from innerloop.distributed.errors import RunStopped
 from innerloop.distributed.model_prep import resolve_model
 from innerloop.distributed.progress import StepDisplay
 from innerloop.distributed.questions import QuestionStream, load_questions
 from innerloop.distributed.records import Trajectory
-from innerloop.distributed.samples import build_samples, group_by_question, loss_normalizers
+from innerloop.distributed.samples import build_samples, group_by_question, loss_normalizers, sft_normalizer
+from innerloop.distributed.sft_stage import SftSchedule
 from innerloop.distributed.tracking import RunDir
 
 log = logging.getLogger(__name__)
@@ -63,9 +64,11 @@ class Trainer:
         run.write_config(cfg)
         train_questions, eval_questions = check_inputs(cfg)
         log.info("%d training and %d held-out questions", len(train_questions), len(eval_questions))
+        model_path = resolve_model(cfg.model.name)
+        self._sft = self._sft_schedule(train_questions, model_path)  # before the fleet: a teacher needs memory
         owned = actors is None
         if owned:
-            actors = fleet.Fleet.start(cfg, resolve_model(cfg.model.name), self._address)
+            actors = fleet.Fleet.start(cfg, model_path, self._address)
         actors.watchdog.dump_dir = run.stacks
         try:
             start_step, stream = self._restore(actors, train_questions, self._resume)
@@ -133,21 +136,25 @@ class Trainer:
     def _loop(self, actors: "fleet.Fleet", stream: QuestionStream, start_step: int, started: float,
               eval_questions) -> int:
         cfg = self.cfg
-        step = start_step
-        ahead = _Prefetch(actors, stream, cfg, self._step_seed, first_step=start_step)
-        with StepDisplay(total=cfg.train.steps, done=start_step) as display:
-            while step < cfg.train.steps and not self._out_of_time(started):
-                self._adjust_pool(actors, step, ahead)
-                questions, call = ahead.next(step)
-                trajectories, record = self._step(actors, call, step)
+        step, last = start_step, cfg.total_steps
+        ahead = _Prefetch(actors, stream, cfg, self._step_seed, first_step=max(start_step, cfg.sft.steps))
+        with StepDisplay(total=last, done=start_step) as display:
+            while step < last and not self._out_of_time(started):
+                if step < cfg.sft.steps:  # the SFT stage first; GRPO takes over by itself after it
+                    question_ids, trajectories, record = self._sft_step(actors, step)
+                else:
+                    self._adjust_pool(actors, step, ahead)
+                    questions, call = ahead.next(step)
+                    trajectories, record = self._step(actors, call, step)
+                    question_ids = [q.question_id for q in questions]
                 step += 1
                 self.run.log(record, step)
-                self.run.record_questions(step, [q.question_id for q in questions])
+                self.run.record_questions(step, question_ids)
                 self.run.record_trajectories(step, step - 1, trajectories)
                 self._log_events(actors, step)
                 self._note_metric(record)
                 display.update(step, record)
-                if cfg.eval.every and step % cfg.eval.every == 0 and step < cfg.train.steps:
+                if cfg.eval.every and step % cfg.eval.every == 0 and step < last:
                     self._evaluate(actors, eval_questions, step, f"step_{step}")
                 if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0:
                     self._checkpoint(actors, step, ahead.trained_position())
@@ -171,10 +178,37 @@ class Trainer:
         with timer("sync"):                                                      # weights out, versioned
             actors.sync_weights(step + 1, wait=staleness_bound(cfg) == 0)
         staleness = [step - t.policy_version for t in trajectories]
-        return trajectories, {**_rollout_metrics(groups, trajectories, timer.seconds["generate"]), **update,
+        return trajectories, {"stage": "grpo", **_rollout_metrics(groups, trajectories, timer.seconds["generate"]), **update,
                               **timer.record(), "time_score": actors.last_rollout_seconds["score"],
                               "policy_version": step + 1, "staleness_mean": sum(staleness) / max(1, len(staleness)),
                               "staleness_max": max(staleness, default=0)}
+
+    def _sft_schedule(self, train_questions, model_path: str) -> "SftSchedule | None":
+        """The SFT stage's batches, or None when the run has no SFT stage left to take."""
+        cfg = self.cfg
+        if not cfg.sft.steps:
+            return None
+        from transformers import AutoTokenizer
+
+        def sample_teacher(questions, samples_per_question):
+            teacher = resolve_model(cfg.sft.teacher)
+            return fleet.sample_with_teacher(cfg, teacher, questions, samples_per_question, self._address)
+
+        items = sft_stage.prepare_set(cfg, train_questions, self.run.path, sample_teacher)
+        return sft_stage.SftSchedule(items, cfg, AutoTokenizer.from_pretrained(model_path))
+
+    def _sft_step(self, actors: "fleet.Fleet", step: int) -> tuple[list[str], list, dict]:
+        """One SFT step: the negative log-likelihood of verified trajectories, then weights out."""
+        timer = _PhaseTimer()
+        question_ids, samples = self._sft.batch(step)
+        with timer("update"):
+            update = actors.sft_update(samples, sft_normalizer(samples, self.cfg.algorithm.aggregation))
+        if update.get("step_skipped"):
+            self._skipped_step(step + 1, [], samples, update)
+        with timer("sync"):  # every step: evals, checkpoints and the hand-off to GRPO see current weights
+            actors.sync_weights(step + 1)
+        return question_ids, [], {"stage": "sft", **update, **timer.record(), "policy_version": step + 1,
+                                  "sft_samples": len(samples)}
 
     def _step_seed(self, step: int) -> int:
         """The sampling seed of a step: fixed by the run's seed and the step, whatever ran before."""
@@ -276,7 +310,7 @@ class _Prefetch:
 
     def next(self, step: int) -> tuple[list, object]:
         """Step `step`'s questions and its generation, after submitting those up to the bound."""
-        rollout, last = self._cfg.rollout, self._cfg.train.steps
+        rollout, last = self._cfg.rollout, self._cfg.total_steps
         while len(self._submitted) <= staleness_bound(self._cfg) and self._next_step < last:
             position = self._stream.position
             questions = self._stream.take(rollout.questions_per_step)

@@ -176,6 +176,12 @@ class Fleet:
                                       "update", "the policy update")
         return reduce_update_metrics(per_rank)
 
+    def sft_update(self, samples: list[TrainingSample], normalizer: float) -> dict[str, float]:
+        """One supervised (negative log-likelihood) optimizer step on every rank."""
+        per_rank = self._learner_call([l.sft_update.remote(samples, normalizer) for l in self.learners],
+                                      "update", "the SFT update")
+        return reduce_update_metrics(per_rank)
+
     def sync_weights(self, version: int, wait: bool = True) -> float:
         """Every rollout engine gets exactly the learner's current weights, tagged `version`.
 
@@ -334,6 +340,28 @@ class _Share:
     ref: object
 
 
+def sample_with_teacher(cfg: Config, teacher_path: str, questions: list[Question], samples_per_question: int,
+                        address: str | None = None) -> list[Trajectory]:
+    """A teacher model's rollouts, scored by the run's reward: one temporary rollout worker holding
+    the teacher, closed before the training fleet starts (the two need not fit in memory together)."""
+    start_ray(address)
+    gpus = cfg.rollout.gpus_per_worker
+    teacher = remote_class(RolloutWorker, {"num_cpus": 1, **({"num_gpus": gpus} if gpus else {})}).remote(
+        teacher_path, cfg.model.dtype, cfg.rollout, cfg.reward, cfg.tasks.system_prompt, cfg.tasks.prompt_template,
+        cfg.train.seed)
+    watchdog = Watchdog(cfg.watchdog, dump_dir=None)
+    try:
+        started = time.perf_counter()
+        rollout = watchdog.wait([teacher.generate.remote(questions, samples_per_question, None, cfg.train.seed)],
+                                "generate", "the teacher's rollouts")[0]
+        log.info("teacher sampled %d trajectories for %d questions in %.1f s", len(rollout.trajectories),
+                 len(questions), time.perf_counter() - started)
+        watchdog.settle([teacher.close.remote()], "sync", "closing the teacher")
+        return list(rollout.trajectories)
+    finally:
+        _kill(teacher)
+
+
 def _named(role: str, actors: list) -> dict[str, object]:
     return {f"{role}-{i}": actor for i, actor in enumerate(actors)}
 
@@ -355,5 +383,6 @@ def reduce_update_metrics(per_rank: list[dict[str, float]]) -> dict[str, float]:
     shared = {"grad_norm", "learning_rate", "update_seconds", "reference_seconds", "step_skipped"}
     summed = grpo.sum_metrics([{k: v for k, v in r.items() if k not in shared} for r in per_rank])
     out = grpo.finalize_metrics(summed)
-    out["sampler_logprob_gap"] = out.pop("sampler_gap_sum") / max(out["tokens"], 1.0)
-    return {**out, **{k: per_rank[0][k] for k in shared}}
+    if "sampler_gap_sum" in out:  # GRPO updates; SFT has no sampler
+        out["sampler_logprob_gap"] = out.pop("sampler_gap_sum") / max(out["tokens"], 1.0)
+    return {**out, **{k: per_rank[0][k] for k in shared if k in per_rank[0]}}  # SFT has no reference

@@ -120,6 +120,8 @@ def check_label(label: str) -> None:
 def probe_trajectories(model, tokenizer, items: Sequence[ProbeItem], suffix_template: str = DEFAULT_SUFFIX,
                        every: int = DEFAULT_EVERY, words: Sequence[str] = DEFAULT_WORDS,
                        batch_size: int = DEFAULT_BATCH) -> list[ProbeRecord]:
+    """One record per item. `model`: a transformers causal LM (full attention) in eval mode, whose
+    whole weights this process holds (gradients are not tracked)."""
     from innerloop.learners.probe import answer_nll_curve
 
     records = []

@@ -23,9 +23,18 @@ class StepDisplay:
         self._progress.stop()
 
     def update(self, step: int, record: dict) -> None:
-        summary = f"reward {record['reward_mean']:+.3f}  acc {100 * record['accuracy']:.1f}%"
+        if record.get("stage") == "sft":
+            summary, line = f"SFT nll {record.get('nll', float('nan')):.3f}", format_sft_step(step, record)
+        else:
+            summary = f"reward {record['reward_mean']:+.3f}  acc {100 * record['accuracy']:.1f}%"
+            line = format_step(step, record)
         self._progress.update(self._task, completed=step, summary=summary)
-        self._progress.console.print(format_step(step, record))
+        self._progress.console.print(line)
+
+
+def format_sft_step(step: int, r: dict) -> str:
+    return (f"step {step:4d}  SFT  nll {r.get('nll', float('nan')):.4f}  samples {r.get('sft_samples', 0)}  "
+            f"tokens {r.get('tokens', 0):.0f}  | upd {r['time_update']:5.1f}s sync {r['time_sync']:4.2f}s")
 
 
 def format_step(step: int, r: dict) -> str:

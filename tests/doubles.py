@@ -25,6 +25,7 @@ class FakeFleet:
         self.update_calls, self.applied, self.restarts = 0, 0, 0
         self.synced: list[int] = []
         self.engine_version = 0  # the weights version the (fake) engines hold
+        self.sft_batches: list[int] = []  # samples per SFT update
         self.staleness: list[list[int]] = []  # per update: the staleness values its samples carried
         self.seeds: list[int | None] = []
         self.last_rollout_seconds = {"engine": 0.0, "score": 0.0}
@@ -58,6 +59,13 @@ class FakeFleet:
         skipped = self.update_calls in self.nonfinite_at
         self.applied += 0 if skipped else 1
         return {"loss": float("nan") if skipped else 0.5, "step_skipped": float(skipped), "grad_norm": 1.0,
+                "applied_updates": float(self.applied)}
+
+    def sft_update(self, samples, normalizer):
+        self.update_calls += 1
+        self.sft_batches.append(len(samples))
+        self.applied += 1
+        return {"loss": 1.0, "nll": 1.0, "tokens": float(normalizer), "step_skipped": 0.0, "grad_norm": 1.0,
                 "applied_updates": float(self.applied)}
 
     def sync_weights(self, version, wait=True):

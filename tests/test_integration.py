@@ -557,6 +557,25 @@ def test_asynchronous_rollouts_train_on_trajectories_one_version_old_with_import
     torch.testing.assert_close(stack.engine_logprobs(), stack.learner_logprobs(), atol=LOGPROB_ATOL, rtol=0)
 
 
+@pytest.mark.integration
+def test_an_sft_stage_trains_the_real_learner_then_hands_over_to_grpo(stack, tmp_path):
+    """sft.steps=2 on the generator's worked solutions, then a GRPO step, in one run: the NLL of the
+    same four solutions falls from the first SFT step to the second, and the engines hold the
+    learner's weights after the hand-off."""
+    cfg = load_config(None, [*_overrides(stack.model), "train.steps=1", "eval.before_and_after=false",
+                             "train.export_final_model=false", "sft.steps=2", "sft.questions_per_step=4",
+                             "tasks.train_count=4"])
+    result = Trainer(cfg, tmp_path / "run").train(actors=stack.fleet)
+    assert result.steps_done == 3
+    records = [r for r in (json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())
+               if "policy_version" in r]
+    assert [r["stage"] for r in records] == ["sft", "sft", "grpo"]
+    first, second = records[0], records[1]
+    assert first["tokens"] == second["tokens"] > 0 and math.isfinite(first["nll"])
+    assert second["nll"] < first["nll"]  # one step of imitation made the same trajectories likelier
+    torch.testing.assert_close(stack.engine_logprobs(), stack.learner_logprobs(), atol=LOGPROB_ATOL, rtol=0)
+
+
 def _when(condition, action, timeout: float = 300.0) -> None:
     deadline = time.monotonic() + timeout
     while not condition() and time.monotonic() < deadline:
