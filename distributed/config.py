@@ -15,6 +15,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from innerloop.distributed.probe_run import DEFAULT_SUFFIX, check_suffix_template
+
 
 class ConfigError(ValueError):
     """A config that cannot run; the message names the key and the fix."""
@@ -215,6 +217,22 @@ class SftConfig(_Section):
         return self
 
 
+class ProbeConfig(_Section):
+    # The inner-loop probe during training (docs/probe.md): every `every_steps` steps, the reference
+    # answer's NLL after each prefix of some of that step's trajectories, under the weights that
+    # step trained from, written to run_dir/probe/. `innerloop probe` does the same for any model.
+    every_steps: int = Field(0, ge=0)  # 0: never
+    questions: int = Field(4, ge=1)  # of the step's questions (the first ones)
+    samples: int = Field(2, ge=1)  # trajectories per question
+    every: int = Field(4, ge=1)  # a point after every N-th trajectory token (1: every prefix)
+    suffix: str = DEFAULT_SUFFIX  # appended after the prefix; {answer} is the reference answer
+
+    @model_validator(mode="after")
+    def _suffix_has_the_answer(self) -> "ProbeConfig":
+        check_suffix_template(self.suffix)
+        return self
+
+
 class RecoveryConfig(_Section):
     # A rollout worker whose process dies is replaced (its questions redone) up to this many times.
     max_worker_restarts: int = Field(3, ge=0)
@@ -252,6 +270,7 @@ class Config(_Section):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     sft: SftConfig = Field(default_factory=SftConfig)
+    probe: ProbeConfig = Field(default_factory=ProbeConfig)
     recovery: RecoveryConfig = Field(default_factory=RecoveryConfig)
     watchdog: WatchdogConfig = Field(default_factory=WatchdogConfig)
 
@@ -284,6 +303,14 @@ class Config(_Section):
             raise ValueError(
                 f"sft.questions_per_step x sft.distinct = {samples} samples per SFT step must divide evenly "
                 f"into learner.ranks x learner.micro_batch_size = {per_pass}; change sft.questions_per_step")
+        return self
+
+    @model_validator(mode="after")
+    def _probe_reads_whole_weights(self) -> "Config":
+        if self.probe.every_steps and self.learner.zero_stage == 3:
+            raise ValueError("probe.every_steps needs learner rank 0 to hold the whole weights, which ZeRO "
+                             "stage 3 partitions; use learner.zero_stage=2, or run `innerloop probe` on a "
+                             "checkpoint instead")
         return self
 
     @property

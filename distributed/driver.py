@@ -145,7 +145,7 @@ class Trainer:
                 else:
                     self._adjust_pool(actors, step, ahead)
                     questions, call = ahead.next(step)
-                    trajectories, record = self._step(actors, call, step)
+                    trajectories, record = self._step(actors, questions, call, step)
                     question_ids = [q.question_id for q in questions]
                 step += 1
                 self.run.log(record, step)
@@ -164,11 +164,14 @@ class Trainer:
             self._checkpoint(actors, step, ahead.trained_position())  # the last step is always saved
         return step
 
-    def _step(self, actors: "fleet.Fleet", call, step: int) -> tuple[list, dict]:
+    def _step(self, actors: "fleet.Fleet", questions, call, step: int) -> tuple[list, dict]:
         """One step on a submitted generation: wait for it, group advantages, update, weights out."""
         cfg, timer = self.cfg, _PhaseTimer()
         with timer("generate"):                                                  # roll out and score
             trajectories = actors.collect(call)
+        if cfg.probe.every_steps and step % cfg.probe.every_steps == 0:
+            with timer("probe"):  # under the weights that sampled them (the learner's, before its update)
+                self._probe(actors, questions, trajectories, step)
         groups = group_by_question(trajectories)
         samples = build_samples(groups, cfg.algorithm, seed=self._step_seed(step), learner_version=step)
         with timer("update"):
@@ -182,6 +185,18 @@ class Trainer:
                               **timer.record(), "time_score": actors.last_rollout_seconds["score"],
                               "policy_version": step + 1, "staleness_mean": sum(staleness) / max(1, len(staleness)),
                               "staleness_max": max(staleness, default=0)}
+
+    def _probe(self, actors: "fleet.Fleet", questions, trajectories, step: int) -> None:
+        """The inner-loop curves of a few of this step's trajectories, into run_dir/probe/."""
+        from innerloop.distributed.probe_run import summarize_groups, write_probe
+
+        cfg = self.cfg.probe
+        records = actors.probe(pick_for_probe(trajectories, questions, cfg.questions, cfg.samples),
+                               questions[: cfg.questions], cfg.suffix, cfg.every)
+        write_probe(records, self.run.path / "probe", label=f"step-{step}")
+        summary = {f"probe_{g.group}_{k}": getattr(g, k) for g in summarize_groups(records)
+                   for k in ("start", "end", "slope", "area")}
+        self.run.log({"event": "probe", "trajectories": len(records), **summary}, step)
 
     def _sft_schedule(self, train_questions, model_path: str) -> "SftSchedule | None":
         """The SFT stage's batches, or None when the run has no SFT stage left to take."""
@@ -288,6 +303,17 @@ class Trainer:
             actors.export(self.run.final_model)
         log.info("final model (step %d) exported to %s", step, self.run.final_model)
         return self.run.final_model
+
+
+def pick_for_probe(trajectories, questions, question_count: int, per_question: int) -> list:
+    """The first `per_question` trajectories of each of the first `question_count` questions."""
+    wanted = {q.question_id: per_question for q in questions[:question_count]}
+    picked = []
+    for t in trajectories:
+        if wanted.get(t.question_id, 0) > 0:
+            wanted[t.question_id] -= 1
+            picked.append(t)
+    return picked
 
 
 def staleness_bound(cfg: Config) -> int:

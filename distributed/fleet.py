@@ -182,6 +182,12 @@ class Fleet:
                                       "update", "the SFT update")
         return reduce_update_metrics(per_rank)
 
+    def probe(self, trajectories: list[Trajectory], questions: list[Question], suffix_template: str,
+              every: int) -> list:
+        """Inner-loop curves of the trajectories under the learner's current weights (rank 0's)."""
+        ref = self.learners[0].probe.remote(trajectories, questions, suffix_template, every)
+        return self._learner_call([ref], "update", "the inner-loop probe")[0]
+
     def sync_weights(self, version: int, wait: bool = True) -> float:
         """Every rollout engine gets exactly the learner's current weights, tagged `version`.
 

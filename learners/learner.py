@@ -42,6 +42,7 @@ class Learner:
         self._dtype = getattr(torch, dtype)
         self.engine = self._build_engine(model_path)
         self._reference = self._load_reference(model_path) if algorithm.kl_coef > 0 else None
+        self._tokenizer = None  # loaded on the first probe
         pad = self.engine.module.config.pad_token_id
         self._pad_id = pad if pad is not None else 0
 
@@ -220,6 +221,22 @@ class Learner:
         start = _first_predicting_position(batch.loss_mask)
         logits = self._tail_logits(self._reference, batch, start)
         return _left_pad(token_logprobs(logits, batch.input_ids[:, start:], temperature=self._temperature), start)
+
+    @torch.no_grad()
+    def probe(self, trajectories: list, questions: list, suffix_template: str, every: int) -> list | None:
+        """Inner-loop curves (distributed/probe_run.py) of these trajectories under this rank's current
+        weights; rank 0 answers, the others return None. The next update switches back to training."""
+        if self.rank != 0:
+            return None
+        from transformers import AutoTokenizer
+
+        from innerloop.distributed.probe_run import items_from_trajectories, probe_trajectories
+
+        if self._tokenizer is None:
+            self._tokenizer = AutoTokenizer.from_pretrained(self._model_path)
+        items = items_from_trajectories(trajectories, questions, end_ids=[self._tokenizer.eos_token_id])
+        self.engine.eval()
+        return probe_trajectories(self.engine.module, self._tokenizer, items, suffix_template, every)
 
     @torch.no_grad()
     def sequence_logprobs(self, token_ids: list[int]) -> list[float]:

@@ -26,6 +26,7 @@ class FakeFleet:
         self.synced: list[int] = []
         self.engine_version = 0  # the weights version the (fake) engines hold
         self.sft_batches: list[int] = []  # samples per SFT update
+        self.probed: list[int] = []  # trajectories per probe call
         self.staleness: list[list[int]] = []  # per update: the staleness values its samples carried
         self.seeds: list[int | None] = []
         self.last_rollout_seconds = {"engine": 0.0, "score": 0.0}
@@ -67,6 +68,21 @@ class FakeFleet:
         self.applied += 1
         return {"loss": 1.0, "nll": 1.0, "tokens": float(normalizer), "step_skipped": 0.0, "grad_norm": 1.0,
                 "applied_updates": float(self.applied)}
+
+    def probe(self, trajectories, questions, suffix_template, every):
+        """Falling curves for correct trajectories, flat ones otherwise (what the paper reports)."""
+        from innerloop.distributed.probe_run import ProbeRecord
+        from innerloop.learners.probe_summary import attribute, summarize_curve
+
+        self.probed.append(len(trajectories))
+        records = []
+        for t in trajectories:
+            positions = tuple(range(0, len(t.completion_ids) + 1, every)) or (0,)
+            curve = tuple(3.0 - (i if t.correct else 0) for i in range(len(positions)))
+            records.append(ProbeRecord(t.question_id, t.correct, len(t.completion_ids), positions, curve,
+                                       summarize_curve(positions, curve, len(t.completion_ids)),
+                                       attribute(positions, curve, [None] * len(t.completion_ids))))
+        return records
 
     def sync_weights(self, version, wait=True):
         self.synced.append(version)

@@ -576,6 +576,51 @@ def test_an_sft_stage_trains_the_real_learner_then_hands_over_to_grpo(stack, tmp
     torch.testing.assert_close(stack.engine_logprobs(), stack.learner_logprobs(), atol=LOGPROB_ATOL, rtol=0)
 
 
+@pytest.mark.integration
+def test_the_probe_cadence_computes_curves_on_the_real_learner(stack, tmp_path):
+    """probe.every_steps=1: rank 0 computes the answer's NLL after every 4th prefix of this step's
+    trajectories, under the weights that sampled them; the last point equals a plain forward over
+    prompt, whole trajectory and suffix on a transformers copy of those weights."""
+    import ray
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from innerloop.distributed.probe_run import suffix_tokens
+
+    cfg = load_config(None, [*_overrides(stack.model), "train.steps=1", "eval.before_and_after=false",
+                             "train.export_final_model=false", "probe.every_steps=1", "probe.questions=2",
+                             "probe.samples=2", "probe.every=4"])
+    weights = ray.get(stack.learner.full_state_dict.remote(), timeout=120)  # what step 0 samples and probes with
+    with recording_generate(stack.fleet) as calls:
+        Trainer(cfg, tmp_path / "run").train(actors=stack.fleet)
+    lines = [json.loads(x) for x in (tmp_path / "run" / "probe" / "probe.jsonl").read_text().splitlines()]
+    assert len(lines) == 4 and all(line["label"] == "step-0" for line in lines)
+    assert all(line["positions"][0] == 0 and line["positions"][-1] == line["completion_tokens"] for line in lines)
+    assert all(math.isfinite(v) and v > 0 for line in lines for v in line["curve"])
+
+    tokenizer = AutoTokenizer.from_pretrained(stack.model)
+    model = AutoModelForCausalLM.from_pretrained(stack.model, dtype=torch.float32).eval()
+    model.load_state_dict(weights, strict=False)  # the tied LM head follows the embeddings
+    trajectory = next(t for t in calls[0].trajectories if t.question_id == lines[0]["question_id"])
+    completion = list(trajectory.completion_ids)
+    if completion and completion[-1] == tokenizer.eos_token_id:
+        completion.pop()
+    question = next(q for q in stack_questions(cfg) if q.question_id == trajectory.question_id)
+    suffix, answer_len = suffix_tokens(tokenizer, cfg.probe.suffix, question.answer)
+    ids = torch.tensor([list(trajectory.prompt_ids) + completion + suffix])
+    with torch.no_grad():
+        logprobs = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), dim=-1)
+    targets = ids[0, -answer_len:]
+    expected = -logprobs[-answer_len:].gather(1, targets[:, None]).mean().item()
+    assert lines[0]["completion_tokens"] == len(completion)
+    assert lines[0]["curve"][-1] == pytest.approx(expected, abs=1e-4)
+
+
+def stack_questions(cfg):
+    from innerloop.distributed.questions import load_questions
+
+    return load_questions(cfg.tasks)[0]
+
+
 def _when(condition, action, timeout: float = 300.0) -> None:
     deadline = time.monotonic() + timeout
     while not condition() and time.monotonic() < deadline:

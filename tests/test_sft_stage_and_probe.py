@@ -1,5 +1,6 @@
-"""The SFT stage before GRPO (sft.steps), on a fake fleet: the hand-off, the balanced batches, the
-saved set a resume reuses. The real learner's SFT step is in tests/test_integration.py."""
+"""What a run does besides GRPO steps, on a fake fleet: the SFT stage before GRPO (sft.steps: the
+hand-off, the balanced batches, the saved set a resume reuses) and the inner-loop probe's cadence
+(probe.every_steps). The real learner's SFT step and probe are in tests/test_integration.py."""
 
 from __future__ import annotations
 
@@ -79,3 +80,26 @@ def test_sft_config_errors_name_the_fix(tiny):
         load_config(None, ["sft.steps=1", "sft.source=teacher"])
     with pytest.raises(ConfigError, match="samples per SFT step must divide"):
         load_config(None, ["sft.steps=1", "sft.questions_per_step=3"])
+
+
+def test_the_probe_cadence_writes_curves_and_logs_their_summaries(tmp_path, tiny):
+    cfg = config(tiny, "sft.steps=0", "train.steps=5", "probe.every_steps=2", "probe.questions=3",
+                 "probe.samples=2", "probe.every=1")
+    fleet = FakeFleet(cfg)
+    Trainer(cfg, tmp_path / "run").train(fleet)
+    assert fleet.probed == [6, 6, 6]  # steps 0, 2 and 4: 3 questions x 2 trajectories each
+    lines = [json.loads(x) for x in (tmp_path / "run" / "probe" / "probe.jsonl").read_text().splitlines()]
+    assert Counter(line["label"] for line in lines) == {"step-0": 6, "step-2": 6, "step-4": 6}
+    assert {png.name for png in (tmp_path / "run" / "probe").glob("*.png")} == {
+        "curves-step-0.png", "curves-step-2.png", "curves-step-4.png"}
+    run = RunDir(tmp_path / "run")
+    events = [r for r in run.read_metrics() if r.get("event") == "probe"]
+    assert [e["step"] for e in events] == [0, 2, 4]
+    assert all(e["probe_correct_slope"] < 0 and e["probe_incorrect_slope"] == 0 for e in events)
+    steps = [r for r in run.read_metrics() if "event" not in r]
+    assert ["time_probe" in r for r in steps] == [True, False, True, False, True]
+
+
+def test_a_probe_suffix_without_the_answer_slot_is_refused(tiny):
+    with pytest.raises(ConfigError, match="must hold {answer} exactly once"):
+        load_config(None, ["probe.suffix=The answer is"])
