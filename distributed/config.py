@@ -102,6 +102,16 @@ class RolloutConfig(SamplingConfig):
     # so added whose node goes away is dropped and its questions redone. 0: the pool only changes
     # by request (innerloop scale).
     max_workers: int = Field(0, ge=0)
+    # A planned pool size by step, e.g. {10: 4, 30: 2}: before step 10 the pool becomes 4 workers, before
+    # step 30 two (an elastic-scaling experiment without touching the cluster). Applied like `innerloop scale`.
+    worker_schedule: dict[int, int] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _schedule_counts_are_positive(self) -> "RolloutConfig":
+        bad = {step: count for step, count in self.worker_schedule.items() if step < 0 or count < 1}
+        if bad:
+            raise ValueError(f"rollout.worker_schedule {bad}: steps must be >= 0 and worker counts >= 1")
+        return self
 
 
 class RewardConfig(_Section):
@@ -355,13 +365,16 @@ def _split_override(item: str) -> tuple[str, Any]:
     if not sep or not key.strip():
         raise ConfigError(f"override {item!r} must look like section.key=value, "
                           "e.g. --set rollout.temperature=0.8")
-    # YAML parsing gives overrides the same types a config file would: 0.8, true, [a, b], null.
-    # Text YAML cannot read, or reads as a mapping ("{question}"), is meant as a plain string.
+    # YAML parsing gives overrides the same types a config file would: 0.8, true, [a, b], {10: 4}, null.
+    # Text YAML cannot read, or reads as a mapping of empty or nested values (as "{question}" and
+    # "Q: {question}" do), is meant as a plain string.
     try:
         value = yaml.safe_load(text) if text.strip() else ""
     except yaml.YAMLError:
         return key.strip(), text
-    return key.strip(), text if isinstance(value, dict) else value
+    if isinstance(value, dict) and (not value or any(v is None or isinstance(v, dict) for v in value.values())):
+        return key.strip(), text
+    return key.strip(), value
 
 
 def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:

@@ -243,9 +243,11 @@ class Trainer:
                 "rewards too large or not finite, learner.lr too high; the last checkpoint is intact.")
 
     def _adjust_pool(self, actors: "fleet.Fleet", step: int, ahead: "_Prefetch") -> None:
-        """Before a step: apply `innerloop scale RUN_DIR --rollout-workers N`, and grow onto nodes
-        that joined the cluster (rollout.max_workers). Generations already submitted finish first."""
-        count = self.run.take_scale_request()
+        """Before a step: apply rollout.worker_schedule, then `innerloop scale RUN_DIR --rollout-workers N`,
+        and grow onto nodes that joined the cluster (rollout.max_workers). Generations already
+        submitted finish first."""
+        count = self.run.take_scale_request() or scheduled_pool(self.cfg.rollout.worker_schedule, step,
+                                                                 first=step == ahead.first_step)
         if count is not None and count != len(actors.workers):
             ahead.finish_submitted()
             actors.resize_workers(count)
@@ -305,6 +307,15 @@ class Trainer:
         return self.run.final_model
 
 
+def scheduled_pool(schedule: dict[int, int], step: int, first: bool) -> int | None:
+    """The pool size rollout.worker_schedule sets before `step`: its entry for that step, or, on a
+    run's first step (a resume lands between entries), the latest entry at or before it."""
+    if not first:
+        return schedule.get(step)
+    due = [at for at in schedule if at <= step]
+    return schedule[max(due)] if due else None
+
+
 def pick_for_probe(trajectories, questions, question_count: int, per_question: int) -> list:
     """The first `per_question` trajectories of each of the first `question_count` questions."""
     wanted = {q.question_id: per_question for q in questions[:question_count]}
@@ -331,7 +342,7 @@ class _Prefetch:
 
     def __init__(self, actors: "fleet.Fleet", stream: QuestionStream, cfg: Config, step_seed, first_step: int):
         self._actors, self._stream, self._cfg, self._step_seed = actors, stream, cfg, step_seed
-        self._next_step = first_step
+        self._next_step = self.first_step = first_step
         self._submitted: list[tuple[list, object, int]] = []  # (questions, call, stream position before)
 
     def next(self, step: int) -> tuple[list, object]:

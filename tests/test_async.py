@@ -105,3 +105,17 @@ def test_without_weights_the_loss_is_bitwise_the_synchronous_one():
                   update_mask=None, normalizers=norms, clip_low=0.2, clip_high=0.28, aggregation="token")
     ones = grpo.truncated_is_weights(logprobs, logprobs - 3.0, torch.tensor([False, False]), cap=2.0)
     assert torch.equal(grpo.grpo_loss(**common)[0], grpo.grpo_loss(**common, is_weights=ones)[0])
+
+
+def test_a_worker_schedule_resizes_the_pool_before_its_steps_and_again_after_a_resume(tmp_path):
+    from innerloop.distributed.driver import scheduled_pool
+
+    cfg = config("rollout.worker_schedule={2: 3, 4: 2}")
+    fleet = FakeFleet(cfg)
+    sizes = []
+    fleet.on_update = lambda calls: sizes.append(len(fleet.workers))
+    Trainer(cfg, tmp_path / "run").train(fleet)
+    assert sizes == [1, 1, 3, 3, 2, 2]  # before steps 2 and 4 (0-based), nothing else
+    assert scheduled_pool({2: 3, 4: 2}, 3, first=True) == 3  # a resume at step 3 takes step 2's size
+    assert scheduled_pool({2: 3, 4: 2}, 3, first=False) is None
+    assert scheduled_pool({2: 3}, 1, first=True) is None
