@@ -209,8 +209,11 @@ class Trainer:
             teacher = resolve_model(cfg.sft.teacher)
             return fleet.sample_with_teacher(cfg, teacher, questions, samples_per_question, self._address)
 
-        items = sft_stage.prepare_set(cfg, train_questions, self.run.path, sample_teacher)
-        return sft_stage.SftSchedule(items, cfg, AutoTokenizer.from_pretrained(model_path))
+        try:
+            items = sft_stage.prepare_set(cfg, train_questions, self.run.path, sample_teacher)
+            return sft_stage.SftSchedule(items, cfg, AutoTokenizer.from_pretrained(model_path))
+        except (ValueError, FileNotFoundError) as exc:  # a bad file, nothing correct: the user's fix
+            raise ConfigError(f"sft: {exc}") from None
 
     def _sft_step(self, actors: "fleet.Fleet", step: int) -> tuple[list[str], list, dict]:
         """One SFT step: the negative log-likelihood of verified trajectories, then weights out."""

@@ -103,3 +103,13 @@ def test_the_probe_cadence_writes_curves_and_logs_their_summaries(tmp_path, tiny
 def test_a_probe_suffix_without_the_answer_slot_is_refused(tiny):
     with pytest.raises(ConfigError, match="must hold {answer} exactly once"):
         load_config(None, ["probe.suffix=The answer is"])
+
+
+def test_a_broken_trajectory_file_stops_before_any_step_naming_the_line(tmp_path, tiny):
+    bad = tmp_path / "trajectories.jsonl"
+    bad.write_text('{"question_id": "q1", "prompt": "What is 1 + 1?", "answer": "2"}\n')  # no completion
+    cfg = config(tiny, "sft.source=file", f"sft.path={bad}", "tasks.on_bad_row=fail")
+    fleet = FakeFleet(cfg)
+    with pytest.raises(ConfigError, match="sft: .*line 1"):
+        Trainer(cfg, tmp_path / "run").train(fleet)
+    assert fleet.update_calls == 0
