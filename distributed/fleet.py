@@ -124,7 +124,7 @@ class Fleet:
         if call.trajectories is not None:
             return call.trajectories
         phase = "generate" if call.sampling is None else "eval"
-        self.check_loads()
+        self.check_loads(phase)  # they queue behind earlier generations: this phase's deadline
         by_question: dict[str, list[Trajectory]] = {}
         while call.pending:
             done, lost = self._settle(dict(enumerate(s.ref for s in call.pending)), phase, "generation")
@@ -163,12 +163,12 @@ class Fleet:
             if moved is not None:
                 self._locations[f"rollout-{index}"] = moved
 
-    def check_loads(self) -> None:
+    def check_loads(self, phase: str = "sync") -> None:
         """Weight loads not waited for (asynchronous sync) must have succeeded. A dead worker is not
         handled here: its queued generation fails too, and `collect` recovers it."""
         if self._unchecked_loads:
             loads, self._unchecked_loads = self._unchecked_loads, {}
-            self._settle(loads, "sync", "the weight sync")
+            self._settle(loads, phase, "the weight sync")
 
     def update(self, samples: list[TrainingSample], normalizers: LossNormalizers) -> dict[str, float]:
         """One optimizer step on every rank; metrics summed over ranks, then made into means."""

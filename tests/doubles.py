@@ -106,7 +106,7 @@ class FakeFleet:
     def resize_workers(self, count):
         self.workers = [f"worker-{i}" for i in range(count)]
 
-    def check_loads(self):
+    def check_loads(self, phase="sync"):
         pass
 
     def grow_onto_new_nodes(self, max_workers):
