@@ -24,7 +24,8 @@ from typing import Any
 from innerloop.distributed import history, report_figures
 from innerloop.distributed.report_figures import Figure
 
-PHASES = ("generate", "update", "sync", "other")  # time_<phase> in each step record; they sum to time_step
+PHASES = ("generate", "probe", "update", "sync", "other")  # time_<phase> of a step record: they sum to time_step
+TIMED = ("generate", "update", "sync", "other")  # every GRPO step has these; time_probe only when it probed
 PROBE_GRID_POINTS = 21                             # fractions 0, 0.05, ..., 1 of a trajectory
 MAX_EVENT_ROWS = 500                               # the events table shows the last ones beyond this
 
@@ -103,11 +104,12 @@ def run_events(records: Iterable[Mapping[str, Any]]) -> list[RunEvent]:
 
 def phase_shares(steps: Sequence[Mapping[str, Any]]) -> dict[str, float]:
     """Each phase's share of the summed step time, over the steps that carry every timing."""
-    timed = [r for r in steps if all(_finite(r.get(f"time_{p}")) for p in (*PHASES, "step"))]
+    timed = [r for r in steps if all(_finite(r.get(f"time_{p}")) for p in (*TIMED, "step"))]
     total = sum(r["time_step"] for r in timed)
     if total <= 0:
         return {}
-    return {p: sum(r[f"time_{p}"] for r in timed) / total for p in PHASES}
+    phases = [p for p in PHASES if p in TIMED or any(f"time_{p}" in r for r in timed)]
+    return {p: sum(r.get(f"time_{p}", 0.0) for r in timed) / total for p in phases}
 
 
 def summarize(records: Sequence[Mapping[str, Any]]) -> RunSummary:
@@ -240,7 +242,7 @@ def _training_section(records: list[dict[str, Any]]) -> tuple[str, str]:
 
 
 def _phases_section(records: list[dict[str, Any]]) -> tuple[str, str]:
-    steps = [r for r in step_records(records) if all(_finite(r.get(f"time_{p}")) for p in PHASES)]
+    steps = [r for r in step_records(records) if all(_finite(r.get(f"time_{p}")) for p in TIMED)]
     if not steps:
         return "Time per step", _note("No step in metrics.jsonl carries phase timings (time_generate, "
                                       "time_update, time_sync, time_other).")

@@ -56,7 +56,7 @@ def phase_times(steps: Sequence[Mapping[str, Any]], phases: Sequence[str]) -> Fi
     """Seconds per step, stacked by phase (generate, update, sync, other)."""
     x = [int(r["step"]) for r in steps]
     # time_other is the step's remainder; a clock's jitter can make it a hair below zero.
-    stacked = [[max(0.0, float(r[f"time_{p}"])) for r in steps] for p in phases]
+    stacked = [[max(0.0, float(r.get(f"time_{p}", 0.0))) for r in steps] for p in phases]
     with _figure(1, height=3.5) as (figure, (axes,), png):
         if len(x) > 1:
             axes.stackplot(x, stacked, labels=phases, alpha=0.85)
