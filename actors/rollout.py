@@ -32,6 +32,14 @@ def _max_model_len(model_path: str, wanted: int) -> int:
     return min(wanted, limit) if limit else wanted
 
 
+def _use_threads(count: int) -> None:
+    """Size this process's thread pools, before vLLM starts (its CPU backend refuses changes after)."""
+    import torch
+
+    os.environ["OMP_NUM_THREADS"] = str(count)
+    torch.set_num_threads(count)
+
+
 class RolloutWorker:
     def __init__(self, model_path: str, dtype: str, rollout: RolloutConfig, reward: RewardConfig,
                  system_prompt: str, prompt_template: str, seed: int):
@@ -39,6 +47,8 @@ class RolloutWorker:
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
         # vLLM's CPU backend drops to one thread unless OMP_NUM_THREADS says otherwise.
         os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
+        if rollout.threads:
+            _use_threads(rollout.threads)
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if rollout.engine_in_process else "1"
         from vllm import LLM
 

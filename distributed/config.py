@@ -91,6 +91,10 @@ class RolloutConfig(SamplingConfig):
     # to the engine process's busy polling. false: vLLM's separate engine process.
     engine_in_process: bool = True
     gpus_per_worker: float = Field(0.0, ge=0.0)  # 0 on CPU machines
+    # CPU threads of each engine; 0: all the machine's cores. On a CPU machine, asynchronous rollouts
+    # overlap generation with the update: give each its own cores (with learner.threads), since two
+    # thread pools each sized to every core fight over them.
+    threads: int = Field(0, ge=0)
     # Asynchronous rollouts: the workers generate the next steps' trajectories while the learners
     # update, from weights at most `max_staleness` versions behind the learner's; the policy
     # gradient of such stale trajectories carries a truncated importance weight (algorithm.tis_cap).
