@@ -147,7 +147,10 @@ class Learner:
         learning_rate = float(self.engine.get_lr()[0])  # the rate this step uses, before the schedule moves
         self.engine.train()
         finite = True
-        for chunk in mine:
+        for index, chunk in enumerate(mine):
+            # The optimizer steps after this update's last micro-batch. DeepSpeed's own boundary counts
+            # micro-steps across calls, so a batch of another size (an SFT step) would shift it.
+            self.engine.set_gradient_accumulation_boundary(index == len(mine) - 1)
             batch = collate(chunk, self._pad_id).to(self.engine.device)
             loss, metrics = micro_batch_loss(batch)
             finite = finite and bool(torch.isfinite(loss))

@@ -262,6 +262,7 @@ class StandInEngine:
     def __init__(self, model: torch.nn.Module, micro_batch_size: int, world_size: int):
         self.model, self.micro_batch_size, self.world_size = model, micro_batch_size, world_size
         self.device, self.accumulation, self.micro_steps = torch.device("cpu"), 0, 0
+        self.boundaries: list[bool] = []  # per micro-batch: whether the optimizer steps after it
 
     def __call__(self, **inputs):
         return self.model(**inputs)
@@ -274,6 +275,9 @@ class StandInEngine:
 
     def step(self) -> None:
         self.micro_steps += 1
+
+    def set_gradient_accumulation_boundary(self, is_boundary: bool) -> None:
+        self.boundaries.append(is_boundary)
 
     def get_lr(self) -> list[float]:
         return [1e-5]
@@ -375,3 +379,13 @@ def test_update_through_the_shared_loop_is_still_the_whole_batch_grpo_loss():
     assert summed["tokens"] == float(expected_metrics["tokens"]) == float(batch.loss_mask.sum())
     for (name, got), want in zip(model.named_parameters(), reference.parameters()):
         torch.testing.assert_close(got.grad, want.grad, rtol=1e-7, atol=1e-12, msg=name)
+
+
+def test_the_optimizer_steps_after_each_updates_last_micro_batch_whatever_came_before():
+    """DeepSpeed counts micro-steps across calls: an SFT step of another batch size would move its
+    accumulation boundary into the middle of the next update unless the learner sets it."""
+    (learner,) = learner_ranks(tiny_llama(), 1, AlgorithmConfig(), micro_batch_size=2)
+    samples = random_samples(6)
+    learner.sft_update(samples[:2], sft_normalizer(samples[:2], "token"))  # one micro-batch
+    learner.sft_update(samples, sft_normalizer(samples, "token"))  # three
+    assert learner.engine.boundaries == [True, False, False, True]
