@@ -280,12 +280,14 @@ def write_heatmap(histories: Mapping[str, QuestionHistory], path: str | Path, ma
     grid = pass_rate_grid(rows)
     last_step = grid.shape[1]
     colors = matplotlib.colormaps["viridis"].with_extremes(bad="white")  # NaN: not visited at that step
-    figure, axes = plt.subplots(figsize=(min(20.0, 4 + 0.05 * last_step), min(20.0, 2 + 0.12 * len(rows))))
+    # At least 7 inches wide: the title names what is shown and must fit above a short run's columns.
+    figure, axes = plt.subplots(figsize=(min(20.0, max(7.0, 4 + 0.05 * last_step)), min(20.0, 2 + 0.12 * len(rows))))
     try:
         image = axes.imshow(np.ma.masked_invalid(grid), aspect="auto", interpolation="nearest", cmap=colors,
                             vmin=0.0, vmax=1.0, extent=(0.5, last_step + 0.5, len(rows) - 0.5, -0.5))
         figure.colorbar(image, ax=axes, label="pass rate (fraction of the group correct)")
-        axes.set(title=title, xlabel="step", ylabel="question (by first solved step)")
+        axes.set_title(title, fontsize=9, wrap=True)
+        axes.set(xlabel="step", ylabel="question (by first solved step)")
         if len(rows) <= 50:  # beyond that the labels overlap
             axes.set_yticks(range(len(rows)), [h.question_id for h in rows], fontsize=7)
         else:
