@@ -255,11 +255,17 @@ def load_dataset_questions(
             if on_bad_row == "fail":
                 raise BadRowError(f"{path}, {where}: {exc} (set on_bad_row='skip' to skip such rows)") from None
             reasons[str(exc)] += 1
+    skipped = warn_skipped(path, reasons, len(questions), "rows")
+    return LoadedQuestions(questions, skipped, dict(reasons))
+
+
+def warn_skipped(path, reasons: Counter, kept: int, what: str) -> int:
+    """Log how many bad rows (or lines) of a file were skipped and why; returns that count."""
     skipped = sum(reasons.values())
     if skipped:
         summary = "; ".join(f"{n} x {reason}" for reason, n in reasons.most_common())
-        logger.warning("%s: skipped %d bad rows of %d (%s)", path, skipped, skipped + len(questions), summary)
-    return LoadedQuestions(questions, skipped, dict(reasons))
+        logger.warning("%s: skipped %d bad %s of %d (%s)", path, skipped, what, skipped + kept, summary)
+    return skipped
 
 
 def _row_to_question(row: Any, index: int, source: str, question_field: str, answer_field: str,

@@ -290,14 +290,17 @@ class Config(_Section):
 
     @model_validator(mode="after")
     def _batch_divides(self) -> "Config":
-        samples = self.rollout.questions_per_step * self.rollout.group_size
+        self._check_divides(self.rollout.questions_per_step * self.rollout.group_size,
+                            "rollout.questions_per_step x rollout.group_size", "per step",
+                            "learner.micro_batch_size or rollout.questions_per_step")
+        return self
+
+    def _check_divides(self, samples: int, what: str, per: str, fix: str) -> None:
+        """Every rank runs the same number of whole micro-batches of a step's samples."""
         per_pass = self.learner.ranks * self.learner.micro_batch_size
         if samples % per_pass:
-            raise ValueError(
-                f"rollout.questions_per_step x rollout.group_size = {samples} samples per step must "
-                f"divide evenly into learner.ranks x learner.micro_batch_size = {per_pass}; "
-                f"change learner.micro_batch_size or rollout.questions_per_step")
-        return self
+            raise ValueError(f"{what} = {samples} samples {per} must divide evenly into learner.ranks x "
+                             f"learner.micro_batch_size = {per_pass}; change {fix}")
 
     @model_validator(mode="after")
     def _update_subset_fits_group(self) -> "Config":
@@ -311,12 +314,9 @@ class Config(_Section):
 
     @model_validator(mode="after")
     def _sft_batch_divides(self) -> "Config":
-        samples = self.sft.questions_per_step * self.sft.distinct
-        per_pass = self.learner.ranks * self.learner.micro_batch_size
-        if self.sft.steps and samples % per_pass:
-            raise ValueError(
-                f"sft.questions_per_step x sft.distinct = {samples} samples per SFT step must divide evenly "
-                f"into learner.ranks x learner.micro_batch_size = {per_pass}; change sft.questions_per_step")
+        if self.sft.steps:
+            self._check_divides(self.sft.questions_per_step * self.sft.distinct, "sft.questions_per_step x sft.distinct",
+                                "per SFT step", "sft.questions_per_step")
         return self
 
     @model_validator(mode="after")

@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterable, Literal, Mapping, Sequence
 
 from innerloop.actors.prompts import chat_prompt_ids
 from innerloop.actors.rewards import check_answer
-from innerloop.actors.tasks import BadRowError
+from innerloop.actors.tasks import BadRowError, warn_skipped
 from innerloop.distributed.records import Question, TrainingSample, Trajectory
 
 logger = logging.getLogger(__name__)
@@ -78,10 +78,7 @@ def load_trajectory_file(path: str | Path, on_bad_row: Literal["skip", "fail"] =
                     where = f"{path}, line {line_no}"
                     raise BadRowError(f"{where}: {exc} (set on_bad_row='skip' to skip such lines)") from None
                 reasons[str(exc)] += 1
-    skipped = sum(reasons.values())
-    if skipped:
-        summary = "; ".join(f"{n} x {reason}" for reason, n in reasons.most_common())
-        logger.warning("%s: skipped %d bad lines of %d (%s)", path, skipped, skipped + len(trajectories), summary)
+    skipped = warn_skipped(path, reasons, len(trajectories), "lines")
     return LoadedTrajectories(trajectories, skipped, dict(reasons))
 
 
