@@ -21,6 +21,7 @@ from innerloop.distributed import checkpoints, fleet, history, sft_stage
 from innerloop.distributed.config import Config, ConfigError
 from innerloop.distributed.errors import RunStopped
 from innerloop.distributed.model_prep import resolve_model
+from innerloop.distributed.prefetch import Prefetch, staleness_bound
 from innerloop.distributed.progress import StepDisplay
 from innerloop.distributed.questions import QuestionStream, load_questions
 from innerloop.distributed.records import Trajectory
@@ -137,14 +138,14 @@ class Trainer:
               eval_questions) -> int:
         cfg = self.cfg
         step, last = start_step, cfg.total_steps
-        ahead = _Prefetch(actors, stream, cfg, self._step_seed, first_step=max(start_step, cfg.sft.steps))
+        ahead = Prefetch(actors, stream, cfg, self._step_seed, first_step=max(start_step, cfg.sft.steps))
         with StepDisplay(total=last, done=start_step) as display:
             while step < last and not self._out_of_time(started):
                 if step < cfg.sft.steps:  # the SFT stage first; GRPO takes over by itself after it
                     question_ids, trajectories, record = self._sft_step(actors, step)
                 else:
                     self._adjust_pool(actors, step, ahead)
-                    questions, call = ahead.next(step)
+                    questions, call = ahead.next()
                     trajectories, record = self._step(actors, questions, call, step)
                     question_ids = [q.question_id for q in questions]
                 step += 1
@@ -245,7 +246,7 @@ class Trainer:
                 f"{limit}); stopping. Their trajectories and samples are in {self.run.bad_steps}. Common causes: "
                 "rewards too large or not finite, learner.lr too high; the last checkpoint is intact.")
 
-    def _adjust_pool(self, actors: "fleet.Fleet", step: int, ahead: "_Prefetch") -> None:
+    def _adjust_pool(self, actors: "fleet.Fleet", step: int, ahead: "Prefetch") -> None:
         """Before a step: apply rollout.worker_schedule, then `innerloop scale RUN_DIR --rollout-workers N`,
         and grow onto nodes that joined the cluster (rollout.max_workers). Generations already
         submitted finish first."""
@@ -328,47 +329,6 @@ def pick_for_probe(trajectories, questions, question_count: int, per_question: i
             wanted[t.question_id] -= 1
             picked.append(t)
     return picked
-
-
-def staleness_bound(cfg: Config) -> int:
-    """How many policy versions a trajectory may lag the learner: 0 is the synchronous trainer."""
-    return cfg.rollout.max_staleness if cfg.rollout.asynchronous else 0
-
-
-class _Prefetch:
-    """The steps' generations, submitted up to the staleness bound ahead of the step being trained.
-
-    With bound s, step t+s is submitted before step t's update, queued on each worker behind the
-    weights of version t: so a step's trajectories are at most s versions old when trained on.
-    s = 0 submits each step's generation only when that step starts: the synchronous trainer.
-    """
-
-    def __init__(self, actors: "fleet.Fleet", stream: QuestionStream, cfg: Config, step_seed, first_step: int):
-        self._actors, self._stream, self._cfg, self._step_seed = actors, stream, cfg, step_seed
-        self._next_step = self.first_step = first_step
-        self._submitted: list[tuple[list, object, int]] = []  # (questions, call, stream position before)
-
-    def next(self, step: int) -> tuple[list, object]:
-        """Step `step`'s questions and its generation, after submitting those up to the bound."""
-        rollout, last = self._cfg.rollout, self._cfg.total_steps
-        while len(self._submitted) <= staleness_bound(self._cfg) and self._next_step < last:
-            position = self._stream.position
-            questions = self._stream.take(rollout.questions_per_step)
-            call = self._actors.submit(questions, rollout.group_size, seed=self._step_seed(self._next_step))
-            self._submitted.append((questions, call, position))
-            self._next_step += 1
-        questions, call, _ = self._submitted.pop(0)
-        return questions, call
-
-    def finish_submitted(self) -> None:
-        """Wait for every submitted generation (before the pool changes); they stay queued, done."""
-        for _, call, _ in self._submitted:
-            self._actors.collect(call)
-
-    def trained_position(self) -> int:
-        """The question stream's position as of the last step trained: submitted steps not yet
-        trained are generated again after a resume."""
-        return self._submitted[0][2] if self._submitted else self._stream.position
 
 
 def save_bad_step(folder: Path, step: int, trajectories, samples, update: dict) -> Path:
