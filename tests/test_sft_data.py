@@ -5,7 +5,6 @@ stand-in for the DeepSpeed engine."""
 from __future__ import annotations
 
 import json
-from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
 
