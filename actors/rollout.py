@@ -2,7 +2,7 @@
 
 This is vLLM's one home in innerloop. The worker is algorithm-blind: it returns trajectories with
 the sampler's log-probs, a reward and the policy version that produced them; the driver computes
-advantages. It is a plain class; `innerloop.distributed.placement` wraps it in a Ray actor.
+advantages. It is a plain class; `innerloop.distributed.cluster.placement` wraps it in a Ray actor.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pathlib import Path
 from innerloop.actors.prompts import chat_prompt_ids
 from innerloop.distributed.config import RewardConfig, RolloutConfig, SamplingConfig
 from innerloop.distributed.records import Question, Rollout, Trajectory
-from innerloop.distributed.watchdog import install_stack_dump
+from innerloop.distributed.stacks import StackLocation, install_stack_dump
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ class RolloutWorker:
         self.start_seconds = time.perf_counter() - started
         self._location = install_stack_dump()
 
-    def location(self) -> tuple[str, int]:
+    def location(self) -> StackLocation:
         """(Ray node id, pid): where the driver sends a stack-dump signal if a phase stalls."""
         return self._location
 

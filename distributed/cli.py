@@ -8,9 +8,11 @@ import sys
 import time
 from pathlib import Path
 
-from innerloop.distributed.config import ConfigError, load_config
+from innerloop.distributed.config import ConfigError
+
+from innerloop.distributed.config_load import load_config
 from innerloop.distributed.errors import RunStopped
-from innerloop.distributed.model_prep import ModelPrepError
+from innerloop.distributed.state.model_prep import ModelPrepError
 
 log = logging.getLogger("innerloop")
 
@@ -103,8 +105,8 @@ def _setup_logging(verbose: bool) -> None:
 
 
 def _train(args) -> int:
-    from innerloop.distributed import checkpoints
-    from innerloop.distributed.driver import Trainer
+    from innerloop.distributed.state import checkpoints
+    from innerloop.distributed.run.driver import Trainer
 
     run_dir = _run_dir(args)
     existing = checkpoints.latest(run_dir / "checkpoints")
@@ -155,7 +157,7 @@ def _print_summary(result, run_dir: Path) -> None:
 def _eval(args) -> int:
     import json
 
-    from innerloop.distributed.evaluate import evaluate_model, format_report
+    from innerloop.distributed.lens.evaluate import evaluate_model, format_report
 
     cfg = load_config(args.config, args.overrides)
     json_file = Path(args.json) if args.json else None
@@ -169,7 +171,7 @@ def _eval(args) -> int:
 
 
 def _checkpoints(args) -> int:
-    from innerloop.distributed import checkpoints
+    from innerloop.distributed.state import checkpoints
 
     root = Path(args.run_dir) / "checkpoints"
     found = checkpoints.list_checkpoints(root)
@@ -190,7 +192,7 @@ def _checkpoints(args) -> int:
 
 
 def _scale(args) -> int:
-    from innerloop.distributed.tracking import RunDir
+    from innerloop.distributed.state.tracking import RunDir
 
     if args.rollout_workers < 1:
         raise ConfigError("--rollout-workers must be at least 1")
@@ -203,7 +205,7 @@ def _scale(args) -> int:
 
 
 def _questions(args) -> int:
-    from innerloop.distributed import history
+    from innerloop.distributed.lens import history
 
     if args.max_rows < 1:
         raise ConfigError("--max-rows must be at least 1")
@@ -228,7 +230,7 @@ def _questions(args) -> int:
 
 
 def _report(args) -> int:
-    from innerloop.distributed.report import ReportError, write_report
+    from innerloop.distributed.lens.report import ReportError, write_report
 
     try:
         out = write_report(args.run_dir, args.out)
@@ -240,7 +242,7 @@ def _report(args) -> int:
 
 
 def _add_probe(commands) -> None:
-    from innerloop.distributed import probe_run as defaults  # no torch: cheap at parser time
+    from innerloop.learners.probe_summary import DEFAULT_WORDS  # no torch: cheap at parser time
 
     probe = commands.add_parser("probe", help="inner-loop loss curves: the answer's NLL after each trajectory "
                                 "prefix, on sampled held-out trajectories (see docs/probe.md)")
@@ -248,16 +250,14 @@ def _add_probe(commands) -> None:
     probe.add_argument("--out", required=True, metavar="DIR", help="where probe.jsonl, probe_summary.jsonl and "
                        "the PNG go (appended to if they exist)")
     probe.add_argument("--config", help="the training config (for tasks, reward and rollout sampling)")
-    probe.add_argument("--questions", type=int, default=defaults.DEFAULT_QUESTIONS, metavar="N",
-                       help=f"held-out questions probed (default {defaults.DEFAULT_QUESTIONS})")
-    probe.add_argument("--samples", type=int, default=defaults.DEFAULT_SAMPLES, metavar="G",
-                       help=f"trajectories per question (default {defaults.DEFAULT_SAMPLES})")
-    probe.add_argument("--suffix", default=defaults.DEFAULT_SUFFIX, metavar="TEXT",
+    # Unset options take the config's probe section (probe.questions, probe.samples, ...).
+    probe.add_argument("--questions", type=int, metavar="N", help="held-out questions probed (probe.questions)")
+    probe.add_argument("--samples", type=int, metavar="G", help="trajectories per question (probe.samples)")
+    probe.add_argument("--suffix", metavar="TEXT",
                        help="appended after each prefix; {answer} marks the scored reference answer "
-                            "(default: the paper's; pass newlines as real ones, e.g. bash $'...')")
-    probe.add_argument("--every", type=int, default=defaults.DEFAULT_EVERY, metavar="K",
-                       help="probe after every K-th token (default 1: every token)")
-    probe.add_argument("--words", default=",".join(defaults.DEFAULT_WORDS), metavar="W1,W2",
+                            "(probe.suffix, the paper's; pass newlines as real ones, e.g. bash $'...')")
+    probe.add_argument("--every", type=int, metavar="K", help="probe after every K-th token (probe.every)")
+    probe.add_argument("--words", default=",".join(DEFAULT_WORDS), metavar="W1,W2",
                        help="words whose first tokens the attribution singles out (default: %(default)s)")
     probe.add_argument("--label", help="names this probe in the files (default: the model folder's name)")
     probe.add_argument("--dtype", choices=["float32", "auto"], default="float32",
@@ -269,14 +269,16 @@ def _add_probe(commands) -> None:
 def _probe(args) -> int:
     import re
 
-    from innerloop.distributed.probe_command import ProbeOptions, format_cost, run_probe
-    from innerloop.distributed.probe_run import format_groups
+    from innerloop.distributed.lens.probe_command import ProbeOptions, format_cost, run_probe
+    from innerloop.distributed.lens.probe import format_groups
 
     cfg = load_config(args.config, args.overrides)
     label = args.label or re.sub(r"[^A-Za-z0-9._-]+", "-", Path(args.model).name) or "model"
     words = tuple(w.strip() for w in args.words.split(","))
-    options = ProbeOptions(Path(args.out), label, args.questions, args.samples, args.suffix, args.every, words,
-                           args.dtype)
+    given = {"questions": args.questions, "samples": args.samples, "suffix": args.suffix, "every": args.every}
+    chosen = {k: getattr(cfg.probe, k) if v is None else v for k, v in given.items()}
+    options = ProbeOptions(Path(args.out), label, chosen["questions"], chosen["samples"], chosen["suffix"],
+                           chosen["every"], words, args.dtype)
     run = run_probe(cfg, args.model, options)
     print(format_groups(run.groups))
     print(format_cost(run.cost, run.seconds, len(run.records)))
@@ -285,7 +287,7 @@ def _probe(args) -> int:
 
 
 def _prepare(args) -> int:
-    from innerloop.distributed.model_prep import prepare_default_model
+    from innerloop.distributed.state.model_prep import prepare_default_model
 
     print(prepare_default_model(force=args.force))
     return 0

@@ -2,7 +2,7 @@
 
 This is DeepSpeed's one home in innerloop. The learner is advantage-blind: it receives training
 samples with one number per sample and a global loss normalizer, and returns summed metrics that
-the driver adds up over ranks. A plain class; `innerloop.distributed.placement` makes it a Ray actor.
+the driver adds up over ranks. A plain class; `innerloop.distributed.cluster.placement` makes it a Ray actor.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import torch
 
 from innerloop.distributed.config import AlgorithmConfig, LearnerConfig
 from innerloop.distributed.records import TrainingSample
-from innerloop.distributed.watchdog import install_stack_dump
+from innerloop.distributed.stacks import StackLocation, install_stack_dump
 from innerloop.learners import grpo
 from innerloop.learners.batching import MicroBatch, collate, micro_batches, shard_for_rank
 from innerloop.learners.logprobs import entropy_from_logits, token_logprobs
@@ -102,7 +102,7 @@ class Learner:
             param.requires_grad_(False)
         return model
 
-    def location(self) -> tuple[str, int]:
+    def location(self) -> StackLocation:
         """(Ray node id, pid): where the driver sends a stack-dump signal if a phase stalls."""
         return self._location
 
@@ -227,13 +227,13 @@ class Learner:
 
     @torch.no_grad()
     def probe(self, trajectories: list, questions: list, suffix_template: str, every: int) -> list | None:
-        """Inner-loop curves (distributed/probe_run.py) of these trajectories under this rank's current
+        """Inner-loop curves (learners/probe.py) of these trajectories under this rank's current
         weights; rank 0 answers, the others return None. The next update switches back to training."""
         if self.rank != 0:
             return None
         from transformers import AutoTokenizer
 
-        from innerloop.distributed.probe_run import items_from_trajectories, probe_trajectories
+        from innerloop.learners.probe import items_from_trajectories, probe_trajectories
 
         if self._tokenizer is None:
             self._tokenizer = AutoTokenizer.from_pretrained(self._model_path)

@@ -19,6 +19,13 @@ from typing import Sequence
 
 import torch
 
+from innerloop.distributed.config import ANSWER_SLOT, DEFAULT_SUFFIX, check_suffix_template
+from innerloop.distributed.records import Question, Trajectory
+from innerloop.learners.probe_summary import (DEFAULT_WORDS, Attribution, CurveSummary, attribute, summarize_curve,
+                                              word_starts)
+
+PROBE_BATCH = 8  # prefixes per batched suffix forward (memory grows with it times the sequence length)
+
 
 @dataclass(frozen=True)
 class ProbeCurve:
@@ -40,7 +47,7 @@ def probe_positions(completion_length: int, every: int = 1) -> tuple[int, ...]:
 
 @torch.no_grad()
 def answer_nll_curve(model, prompt_ids: Sequence[int], completion_ids: Sequence[int], suffix_ids: Sequence[int],
-                     answer_len: int, every: int = 1, batch_size: int = 8) -> ProbeCurve:
+                     answer_len: int, every: int = 1, batch_size: int = PROBE_BATCH) -> ProbeCurve:
     """The curve at `probe_positions(len(completion_ids), every)`.
 
     suffix_ids: the lead-in tokens then the answer tokens; the last `answer_len` of them are scored.
@@ -102,3 +109,77 @@ def _check_full_attention(cache) -> None:
     if any(getattr(layer, "is_sliding", False) for layer in getattr(cache, "layers", ())):
         raise ValueError("the model uses sliding-window attention layers; the cached probe supports only "
                          "full-attention models")
+
+
+@dataclass(frozen=True)
+class ProbeItem:
+    """One trajectory to probe and the reference answer of its question."""
+
+    question_id: str
+    prompt_ids: tuple[int, ...]  # [P] chat-templated prompt
+    completion_ids: tuple[int, ...]  # [L] the trajectory, without a trailing end-of-turn token
+    answer: str
+    correct: bool
+
+
+@dataclass(frozen=True)
+class ProbeRecord:
+    question_id: str
+    correct: bool
+    completion_tokens: int  # L
+    positions: tuple[int, ...]  # [K] prefix lengths probed
+    curve: tuple[float, ...]  # [K] mean answer NLL (nats) after each prefix
+    summary: CurveSummary
+    attribution: Attribution
+
+    def to_dict(self, label: str) -> dict:
+        return {"label": label, "question_id": self.question_id, "correct": self.correct,
+                "completion_tokens": self.completion_tokens, "positions": list(self.positions),
+                "curve": list(self.curve), "summary": self.summary.to_dict(),
+                "attribution": self.attribution.to_dict()}
+
+
+def items_from_trajectories(trajectories: Sequence[Trajectory], questions: Sequence[Question],
+                            end_ids: Sequence[int]) -> list[ProbeItem]:
+    """Pair trajectories with their reference answers. A trailing end-of-turn token is dropped: the
+    suffix continues the trajectory's text, not a closed turn."""
+    answers = {q.question_id: q.answer for q in questions}
+    items = []
+    for t in trajectories:
+        if t.question_id not in answers:
+            raise ValueError(f"trajectory of question {t.question_id} has no question with a reference answer")
+        completion = t.completion_ids
+        while completion and completion[-1] in end_ids:
+            completion = completion[:-1]
+        items.append(ProbeItem(t.question_id, t.prompt_ids, completion, answers[t.question_id], t.correct))
+    return items
+
+
+def suffix_tokens(tokenizer, suffix_template: str, answer: str) -> tuple[list[int], int]:
+    """(lead-in + answer token ids, answer token count). The lead-in and the answer are tokenized apart,
+    so the scored tokens are exactly the answer's; text after {answer} (the closing brace) is not fed:
+    under causal attention it cannot change the answer tokens' NLL."""
+    check_suffix_template(suffix_template)
+    if not answer.strip():
+        raise ValueError("a question has an empty reference answer: nothing to score")
+    lead_ids = tokenizer.encode(suffix_template.split(ANSWER_SLOT)[0], add_special_tokens=False)
+    answer_ids = tokenizer.encode(answer, add_special_tokens=False)
+    return lead_ids + answer_ids, len(answer_ids)
+
+
+def probe_trajectories(model, tokenizer, items: Sequence[ProbeItem], suffix_template: str = DEFAULT_SUFFIX,
+                       every: int = 1, words: Sequence[str] = DEFAULT_WORDS,
+                       batch_size: int = PROBE_BATCH) -> list[ProbeRecord]:
+    """One record per item. `model`: a transformers causal LM (full attention) in eval mode, whose
+    whole weights this process holds (gradients are not tracked)."""
+    records = []
+    for item in items:
+        suffix_ids, answer_len = suffix_tokens(tokenizer, suffix_template, item.answer)
+        curve = answer_nll_curve(model, item.prompt_ids, item.completion_ids, suffix_ids, answer_len, every,
+                                 batch_size)
+        token_words = word_starts([tokenizer.decode([t]) for t in item.completion_ids], words)
+        records.append(ProbeRecord(
+            item.question_id, item.correct, len(item.completion_ids), curve.positions, curve.values,
+            summarize_curve(curve.positions, curve.values, len(item.completion_ids)),
+            attribute(curve.positions, curve.values, token_words, words)))
+    return records

@@ -83,9 +83,9 @@ def _median_runs(runs: list[dict], key: str) -> float:
 
 
 def _demo_setup(args, extra: list[str] = ()):
-    from innerloop.distributed.config import load_config
-    from innerloop.distributed.model_prep import resolve_model
-    from innerloop.distributed.questions import load_questions
+    from innerloop.distributed.config_load import load_config
+    from innerloop.distributed.state.model_prep import resolve_model
+    from innerloop.distributed.run.questions import load_questions
 
     cfg = load_config(None, [f"rollout.max_tokens={args.max_tokens}", f"rollout.group_size={args.group_size}",
                              f"rollout.questions_per_step={args.questions}", *_overrides(args), *extra])
@@ -159,8 +159,8 @@ def _workload(args) -> str:
 
 
 def bench_learner(args) -> dict:
-    from innerloop.distributed.placement import free_port
-    from innerloop.distributed.samples import build_samples, group_by_question, loss_normalizers
+    from innerloop.distributed.cluster.placement import free_port
+    from innerloop.distributed.run.samples import build_samples, group_by_question, loss_normalizers
     from innerloop.learners.learner import Learner
 
     cfg, model_path, questions = _demo_setup(args)
@@ -228,9 +228,9 @@ class BareLoop:
 def bench_sync(args) -> dict:
     import ray
 
-    from innerloop.distributed.config import load_config
-    from innerloop.distributed.fleet import Fleet
-    from innerloop.distributed.model_prep import resolve_model
+    from innerloop.distributed.config_load import load_config
+    from innerloop.distributed.cluster.fleet import Fleet
+    from innerloop.distributed.state.model_prep import resolve_model
 
     models = {"tiny": _tiny_model(), "135M": resolve_model("smollm2-135m-instruct"), "0.5B": _half_billion_model()}
     rows = []
@@ -267,7 +267,7 @@ def _half_billion_model() -> Path:
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from innerloop.distributed.model_prep import resolve_model
+    from innerloop.distributed.state.model_prep import resolve_model
 
     demo = resolve_model("smollm2-135m-instruct")
     tokenizer = AutoTokenizer.from_pretrained(demo)

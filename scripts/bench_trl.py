@@ -23,9 +23,9 @@ def main() -> int:
     from trl import GRPOConfig, GRPOTrainer
 
     from innerloop.actors.rewards import build_reward_fn
-    from innerloop.distributed.config import load_config
-    from innerloop.distributed.model_prep import resolve_model
-    from innerloop.distributed.questions import QuestionStream, load_questions
+    from innerloop.distributed.config_load import load_config
+    from innerloop.distributed.state.model_prep import resolve_model
+    from innerloop.distributed.run.questions import QuestionStream, load_questions
     from innerloop.distributed.records import Question
 
     cfg = load_config(None, [f"rollout.max_tokens={args.max_tokens}"])

@@ -31,8 +31,8 @@ def main() -> int:
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
     from tests.tiny_model import build_tiny_model
 
-    from innerloop.distributed.config import load_config
-    from innerloop.distributed.driver import Trainer
+    from innerloop.distributed.config_load import load_config
+    from innerloop.distributed.run.driver import Trainer
 
     model = build_tiny_model(out / "model")
     cfg = load_config(None, [

@@ -18,7 +18,7 @@ class FakeFleet:
     """
 
     def __init__(self, cfg, lose_learner_at=(), nonfinite_at=()):
-        from innerloop.distributed.watchdog import Watchdog
+        from innerloop.distributed.cluster.watchdog import Watchdog
 
         self.watchdog = Watchdog(cfg.watchdog, dump_dir=None)
         self.lose_learner_at, self.nonfinite_at = set(lose_learner_at), set(nonfinite_at)
@@ -49,7 +49,7 @@ class FakeFleet:
         return call
 
     def update(self, samples, normalizers):
-        from innerloop.distributed.fleet import LearnerLost
+        from innerloop.distributed.cluster.fleet import LearnerLost
 
         self.update_calls += 1
         self.staleness.append(sorted({sample.staleness for sample in samples}))
@@ -71,7 +71,7 @@ class FakeFleet:
 
     def probe(self, trajectories, questions, suffix_template, every):
         """Falling curves for correct trajectories, flat ones otherwise (what the paper reports)."""
-        from innerloop.distributed.probe_run import ProbeRecord
+        from innerloop.learners.probe import ProbeRecord
         from innerloop.learners.probe_summary import attribute, summarize_curve
 
         self.probed.append(len(trajectories))

@@ -9,10 +9,10 @@ import shutil
 import pytest
 import torch
 
-from innerloop.distributed import checkpoints
-from innerloop.distributed.config import load_config
-from innerloop.distributed.driver import Trainer
-from innerloop.distributed.tracking import RunDir
+from innerloop.distributed.state import checkpoints
+from innerloop.distributed.config_load import load_config
+from innerloop.distributed.run.driver import Trainer
+from innerloop.distributed.state.tracking import RunDir
 from innerloop.learners import grpo
 from tests.doubles import FakeFleet
 
@@ -108,7 +108,7 @@ def test_without_weights_the_loss_is_bitwise_the_synchronous_one():
 
 
 def test_a_worker_schedule_resizes_the_pool_before_its_steps_and_again_after_a_resume(tmp_path):
-    from innerloop.distributed.driver import scheduled_pool
+    from innerloop.distributed.run.driver import scheduled_pool
 
     cfg = config("rollout.worker_schedule={2: 3, 4: 2}")
     fleet = FakeFleet(cfg)

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from innerloop.distributed import checkpoints
-from innerloop.distributed.checkpoints import CheckpointError, DriverState
+from innerloop.distributed.state import checkpoints
+from innerloop.distributed.state.checkpoints import CheckpointError, DriverState
 
 
 class FakeFleet:

@@ -7,7 +7,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from innerloop.distributed.config import Config, ConfigError, _split_override, load_config
+from innerloop.distributed.config import Config, ConfigError
+
+from innerloop.distributed.config_load import _split_override, load_config
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 CONFIG_FILES = sorted([*CONFIGS.glob("*.yaml"), *CONFIGS.glob("*.yml")])  # globbed at collection time

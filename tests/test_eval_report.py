@@ -7,9 +7,12 @@ import json
 
 import pytest
 
-from innerloop.distributed import cli, evaluate
-from innerloop.distributed.config import ConfigError, load_config
-from innerloop.distributed.evaluate import format_report, report_from_trajectories
+from innerloop.distributed import cli
+
+from innerloop.distributed.lens import evaluate
+from innerloop.distributed.config import ConfigError
+from innerloop.distributed.config_load import load_config
+from innerloop.distributed.lens.evaluate import format_report, report_from_trajectories
 from innerloop.distributed.records import Trajectory
 
 

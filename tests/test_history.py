@@ -9,11 +9,15 @@ from pathlib import Path
 
 import pytest
 
-from innerloop.distributed import checkpoints, cli, history
-from innerloop.distributed.checkpoints import DriverState
-from innerloop.distributed.history import HistoryError, Visit
+from innerloop.distributed import cli
+
+from innerloop.distributed.lens import history
+
+from innerloop.distributed.state import checkpoints
+from innerloop.distributed.state.checkpoints import DriverState
+from innerloop.distributed.lens.history import HistoryError, Visit
 from innerloop.distributed.records import Trajectory
-from innerloop.distributed.tracking import RunDir
+from innerloop.distributed.state.tracking import RunDir
 
 
 def group(step: int, question_id: str, rewards, tokens=(10,), version: int | None = None) -> list[dict]:

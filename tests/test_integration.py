@@ -35,9 +35,13 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:  # `tests.doubles` and `tests.tiny_model`, as the workers import them
     sys.path.insert(0, str(REPO_ROOT))
 
-from innerloop.distributed import checkpoints, cli, driver  # noqa: E402
-from innerloop.distributed.config import load_config  # noqa: E402
-from innerloop.distributed.driver import Trainer, TrainResult  # noqa: E402
+from innerloop.distributed import cli  # noqa: E402
+
+from innerloop.distributed.run import driver
+
+from innerloop.distributed.state import checkpoints
+from innerloop.distributed.config_load import load_config  # noqa: E402
+from innerloop.distributed.run.driver import Trainer, TrainResult  # noqa: E402
 from tests.doubles import length_reward  # noqa: E402
 from tests.tiny_model import build_tiny_model  # noqa: E402
 
@@ -100,7 +104,7 @@ def stack(tiny_model):
     import ray.cloudpickle
     from transformers import AutoTokenizer
 
-    from innerloop.distributed.fleet import Fleet
+    from innerloop.distributed.cluster.fleet import Fleet
 
     # Functions of this module that run inside actors travel by value: the actors cannot import it.
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -410,9 +414,9 @@ def test_two_zero2_learner_ranks_hold_identical_weights_matching_one_rank(stack)
     same gradient norm, loss and weights as one rank given the whole batch."""
     import ray
 
-    from innerloop.distributed.fleet import Fleet
-    from innerloop.distributed.questions import load_questions
-    from innerloop.distributed.samples import build_samples, group_by_question, loss_normalizers
+    from innerloop.distributed.cluster.fleet import Fleet
+    from innerloop.distributed.run.questions import load_questions
+    from innerloop.distributed.run.samples import build_samples, group_by_question, loss_normalizers
 
     pair_cfg = load_config(None, [*_overrides(stack.model), "learner.ranks=2", "learner.zero_stage=2"])
     single_cfg = load_config(None, [*_overrides(stack.model), "learner.ranks=1", "learner.zero_stage=2"])
@@ -462,9 +466,9 @@ def test_two_zero2_learner_ranks_hold_identical_weights_matching_one_rank(stack)
 def test_a_checkpoint_resumes_on_a_different_number_of_learner_ranks(stack, tmp_path):
     """2 ranks -> checkpoint -> 1 rank -> checkpoint -> 2 ranks: the model, optimizer (Adam moments)
     and LR schedule carry over, so the next update matches the one the writer would have made."""
-    from innerloop.distributed.fleet import Fleet
-    from innerloop.distributed.questions import load_questions
-    from innerloop.distributed.samples import build_samples, group_by_question, loss_normalizers
+    from innerloop.distributed.cluster.fleet import Fleet
+    from innerloop.distributed.run.questions import load_questions
+    from innerloop.distributed.run.samples import build_samples, group_by_question, loss_normalizers
 
     def cfg(ranks):
         return load_config(None, [*_overrides(stack.model), f"learner.ranks={ranks}", "learner.zero_stage=2"])
@@ -599,7 +603,7 @@ def test_the_probe_cadence_computes_curves_on_the_real_learner(stack, tmp_path):
     import ray
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from innerloop.distributed.probe_run import suffix_tokens
+    from innerloop.learners.probe import suffix_tokens
 
     cfg = load_config(None, [*_overrides(stack.model), "train.steps=1", "eval.before_and_after=false",
                              "train.export_final_model=false", "probe.every_steps=1", "probe.questions=2",
@@ -631,7 +635,7 @@ def test_the_probe_cadence_computes_curves_on_the_real_learner(stack, tmp_path):
 
 
 def stack_questions(cfg):
-    from innerloop.distributed.questions import load_questions
+    from innerloop.distributed.run.questions import load_questions
 
     return load_questions(cfg.tasks)[0]
 
@@ -657,8 +661,8 @@ def _kill_pid_when(condition, pid: int) -> threading.Thread:
 def test_a_nonfinite_loss_skips_the_step_on_the_real_learner(stack):
     from dataclasses import replace
 
-    from innerloop.distributed.questions import load_questions
-    from innerloop.distributed.samples import build_samples, group_by_question, loss_normalizers
+    from innerloop.distributed.run.questions import load_questions
+    from innerloop.distributed.run.samples import build_samples, group_by_question, loss_normalizers
 
     questions = load_questions(stack.cfg.tasks)[0][: stack.cfg.rollout.questions_per_step]
     samples = build_samples(group_by_question(stack.fleet.generate(questions, stack.cfg.rollout.group_size)),
@@ -679,7 +683,7 @@ def test_a_rollout_worker_killed_mid_generation_is_replaced_and_its_questions_re
     import ray
 
     from innerloop.distributed.config import SamplingConfig
-    from innerloop.distributed.questions import load_questions
+    from innerloop.distributed.run.questions import load_questions
 
     fleet = stack.fleet
     fleet.sync_weights(7)  # the version a replacement must come back with

@@ -19,8 +19,8 @@ PACKAGES = ("actors", "learners", "distributed")  # folder name == innerloop.<na
 SOURCES = sorted(p for folder in PACKAGES for p in (ROOT / folder).rglob("*.py"))
 
 # Driver-level modules in distributed/ that may talk to Ray besides placement and fleet.
-RAY_HOMES = {"distributed/placement.py", "distributed/fleet.py", "distributed/driver.py", "distributed/cli.py",
-             "distributed/watchdog.py"}
+RAY_HOMES = {"distributed/cluster/placement.py", "distributed/cluster/fleet.py", "distributed/run/driver.py", "distributed/cli.py",
+             "distributed/cluster/watchdog.py"}
 
 
 def rel(path: Path) -> str:
@@ -63,7 +63,7 @@ def importers_of(top: str) -> set[str]:
 
 
 def test_sources_found():
-    assert "actors/rollout.py" in IMPORTS and "learners/grpo.py" in IMPORTS and "distributed/placement.py" in IMPORTS
+    assert "actors/rollout.py" in IMPORTS and "learners/grpo.py" in IMPORTS and "distributed/cluster/placement.py" in IMPORTS
 
 
 def test_imported_modules_sees_nested_and_relative_imports(tmp_path, monkeypatch):
@@ -88,7 +88,7 @@ def test_deepspeed_only_in_the_learner():
 
 def test_ray_only_in_distributed_driver_level_modules():
     users = importers_of("ray")
-    assert "distributed/placement.py" in users
+    assert "distributed/cluster/placement.py" in users
     assert users <= RAY_HOMES, f"ray imported outside its homes: {sorted(users - RAY_HOMES)}"
 
 
@@ -134,9 +134,9 @@ def test_no_remote_call_is_waited_on_without_a_bound():
 
 def test_ray_remote_only_in_placement():
     uses = {rel(p): ray_remote_uses(p) for p in SOURCES}
-    assert uses["distributed/placement.py"], "placement.py is ray.remote's home but no longer uses it"
-    elsewhere = {f: lines for f, lines in uses.items() if lines and f != "distributed/placement.py"}
-    assert not elsewhere, f"ray.remote outside distributed/placement.py: {elsewhere}"
+    assert uses["distributed/cluster/placement.py"], "placement.py is ray.remote's home but no longer uses it"
+    elsewhere = {f: lines for f, lines in uses.items() if lines and f != "distributed/cluster/placement.py"}
+    assert not elsewhere, f"ray.remote outside distributed/cluster/placement.py: {elsewhere}"
 
 
 @pytest.mark.parametrize("folder, other", [("actors", "learners"), ("learners", "actors")])

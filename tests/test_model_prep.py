@@ -1,7 +1,7 @@
 """Model preparation without the 98 MB package: cache paths, caching, atomic replacement, errors.
 
 The conversion itself (GGUF -> safetensors) is replaced by a fake writer here; it is exercised for
-real by whatever first prepares the default model (`innerloop.distributed.model_prep.prepare_default_model`).
+real by whatever first prepares the default model (`innerloop.distributed.state.model_prep.prepare_default_model`).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from innerloop.distributed import model_prep as mp
+from innerloop.distributed.state import model_prep as mp
 
 
 def _fake_convert(calls: list[Path]):

@@ -21,9 +21,9 @@ import ray
 from ray.cluster_utils import Cluster
 from ray.util.placement_group import placement_group_table
 
-from innerloop.distributed.config import load_config
+from innerloop.distributed.config_load import load_config
 from innerloop.distributed.errors import RunStopped
-from innerloop.distributed.placement import Placement, remote_class
+from innerloop.distributed.cluster.placement import Placement, remote_class
 
 cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 4, "num_gpus": 2})
 cluster.add_node(num_cpus=4, num_gpus=2)
@@ -86,8 +86,8 @@ from pathlib import Path
 import ray
 from ray.cluster_utils import Cluster
 
-from innerloop.distributed.config import load_config
-from innerloop.distributed.driver import Trainer
+from innerloop.distributed.config_load import load_config
+from innerloop.distributed.run.driver import Trainer
 from tests.test_integration import _overrides
 from tests.tiny_model import build_tiny_model
 

@@ -8,7 +8,7 @@ from fractions import Fraction
 
 import pytest
 
-from innerloop.distributed.passk import (KScores, avg_at_n, g_pass_at_k, mg_pass_at_k, pass_at_k,
+from innerloop.distributed.lens.passk import (KScores, avg_at_n, g_pass_at_k, mg_pass_at_k, pass_at_k,
                                          summarize)
 
 SMALL = [(n, c, k) for n in range(1, 9) for c in range(n + 1) for k in range(1, n + 1)]

@@ -8,10 +8,11 @@ import math
 import pytest
 import torch
 
-from innerloop.distributed.probe_run import (DEFAULT_SUFFIX, ProbeItem, check_label, items_from_trajectories,
-                                             probe_trajectories, suffix_tokens, summarize_groups, write_probe)
+from innerloop.distributed.config import DEFAULT_SUFFIX
+from innerloop.distributed.lens.probe import check_label, summarize_groups, write_probe
 from innerloop.distributed.records import Question, Trajectory
-from innerloop.learners.probe import answer_nll_curve, probe_positions
+from innerloop.learners.probe import (ProbeItem, answer_nll_curve, items_from_trajectories, probe_positions,
+                                      probe_trajectories, suffix_tokens)
 from innerloop.learners.probe_summary import attribute, summarize_curve, word_starts
 from tests.tiny_model import build_tiny_model
 
@@ -165,7 +166,7 @@ def test_probe_files_and_plot_from_hand_made_trajectories(tiny, tmp_path):
 
 
 def test_group_summaries_pool_attribution_over_trajectories():
-    from innerloop.distributed.probe_run import ProbeRecord
+    from innerloop.learners.probe import ProbeRecord
 
     def record(correct, values, words):
         positions = tuple(range(len(values)))

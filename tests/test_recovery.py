@@ -11,10 +11,10 @@ import math
 
 import pytest
 
-from innerloop.distributed import checkpoints
-from innerloop.distributed.config import load_config
-from innerloop.distributed.driver import NonFiniteSteps, Trainer
-from innerloop.distributed.tracking import RunDir
+from innerloop.distributed.state import checkpoints
+from innerloop.distributed.config_load import load_config
+from innerloop.distributed.run.driver import NonFiniteSteps, Trainer
+from innerloop.distributed.state.tracking import RunDir
 from tests.doubles import FakeFleet
 
 
@@ -143,7 +143,8 @@ def test_resume_skips_a_damaged_newest_checkpoint_and_still_consumes_each_questi
 
 
 def test_cli_offers_to_resume_a_run_dir_with_a_checkpoint_at_a_terminal(tmp_path, monkeypatch):
-    from innerloop.distributed import cli, driver
+    from innerloop.distributed import cli
+    from innerloop.distributed.run import driver
 
     cfg = config()
     Trainer(cfg, tmp_path / "run").train(FakeFleet(cfg))
@@ -154,7 +155,7 @@ def test_cli_offers_to_resume_a_run_dir_with_a_checkpoint_at_a_terminal(tmp_path
             started.append((cfg.train.steps, resume))
 
         def train(self):
-            from innerloop.distributed.driver import TrainResult
+            from innerloop.distributed.run.driver import TrainResult
 
             return TrainResult(6, None, None, None, 0.0)
 

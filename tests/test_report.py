@@ -12,9 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from innerloop.distributed import cli, report
+from innerloop.distributed import cli
+
+from innerloop.distributed.lens import report
 from innerloop.distributed.records import Trajectory
-from innerloop.distributed.tracking import RunDir
+from innerloop.distributed.state.tracking import RunDir
 
 PHASE_TIMES = [  # (generate, update, sync, other) seconds of steps 1-4; each step's time_step is their sum
     (6.0, 2.0, 1.0, 1.0), (5.0, 2.0, 1.0, 0.0), (7.0, 3.0, 1.0, 1.0), (6.0, 2.0, 2.0, 2.0)]

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from innerloop.distributed.tracking import RunDir
+from innerloop.distributed.state.tracking import RunDir
 from tests.tiny_model import build_tiny_model
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

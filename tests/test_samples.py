@@ -12,13 +12,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from innerloop.distributed import checkpoints
-from innerloop.distributed.config import AlgorithmConfig, load_config
-from innerloop.distributed.progress import format_step
-from innerloop.distributed.questions import QuestionStream
+from innerloop.distributed.state import checkpoints
+from innerloop.distributed.config import AlgorithmConfig
+from innerloop.distributed.config_load import load_config
+from innerloop.distributed.run.progress import format_step
+from innerloop.distributed.run.questions import QuestionStream
 from innerloop.distributed.records import Question, TrainingSample, Trajectory
-from innerloop.distributed.samples import build_samples, group_by_question, loss_normalizers
-from innerloop.distributed.tracking import RunDir
+from innerloop.distributed.run.samples import build_samples, group_by_question, loss_normalizers
+from innerloop.distributed.state.tracking import RunDir
 from innerloop.learners.batching import collate, micro_batches, shard_for_rank
 
 STD = AlgorithmConfig(advantage_scale="std")

@@ -15,8 +15,8 @@ from innerloop.actors.prompts import chat_prompt_ids
 from innerloop.actors.tasks import BadRowError, generate_questions
 from innerloop.distributed.config import AlgorithmConfig, LearnerConfig
 from innerloop.distributed.records import Question, TrainingSample, Trajectory
-from innerloop.distributed.samples import loss_normalizers, sft_normalizer
-from innerloop.distributed.sft_data import (
+from innerloop.distributed.run.samples import loss_normalizers, sft_normalizer
+from innerloop.distributed.run.sft_data import (
     SftTrajectory,
     answer_verifier,
     build_sft_set,

@@ -10,10 +10,12 @@ from collections import Counter
 
 import pytest
 
-from innerloop.distributed.config import ConfigError, load_config
-from innerloop.distributed.driver import Trainer
-from innerloop.distributed.sft_stage import SET_FILE
-from innerloop.distributed.tracking import RunDir
+from innerloop.distributed.config import ConfigError
+
+from innerloop.distributed.config_load import load_config
+from innerloop.distributed.run.driver import Trainer
+from innerloop.distributed.run.sft_stage import SET_FILE
+from innerloop.distributed.state.tracking import RunDir
 from tests.doubles import FakeFleet
 
 pytest.importorskip("transformers")

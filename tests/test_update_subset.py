@@ -8,9 +8,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from innerloop.distributed.config import AlgorithmConfig, ConfigError, load_config
+from innerloop.distributed.config import AlgorithmConfig, ConfigError
+
+from innerloop.distributed.config_load import load_config
 from innerloop.distributed.records import TrainingSample, Trajectory
-from innerloop.distributed.samples import build_samples, loss_normalizers
+from innerloop.distributed.run.samples import build_samples, loss_normalizers
 from innerloop.learners import grpo
 from innerloop.learners.batching import collate
 from innerloop.learners.learner import Learner

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import shutil
 import subprocess
 import sys
 import time
@@ -12,10 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from innerloop.distributed.config import WatchdogConfig, load_config
-from innerloop.distributed.watchdog import (
-    DISABLED_BOUND_S, LOCAL_NODE, PhaseStalled, Watchdog, collect_stacks, dump_all, install_stack_dump,
-    stack_file_path)
+from innerloop.distributed.config import WatchdogConfig
+
+from innerloop.distributed.config_load import load_config
+from innerloop.distributed.cluster.watchdog import DISABLED_BOUND_S, PhaseStalled, Watchdog, collect_stacks, dump_all
+from innerloop.distributed.stacks import LOCAL_NODE, StackLocation, install_stack_dump
 
 
 def dog(**fields) -> Watchdog:
@@ -106,12 +108,11 @@ def test_phase_stalled_says_phase_deadline_dump_and_fix_and_pickles():
 
 CHILD = """
 import sys, time
-from innerloop.distributed.watchdog import install_stack_dump
+from innerloop.distributed.stacks import install_stack_dump
 def stall_in_the_child():
-    print("ready", flush=True)  # from inside: a dump after "ready" must show this frame
+    print("ready", install_stack_dump().path, flush=True)  # a dump after "ready" must show this frame
     while True:
         time.sleep(0.05)
-install_stack_dump()
 stall_in_the_child()
 """
 
@@ -120,23 +121,24 @@ def test_a_local_process_dumps_its_stacks_on_request(tmp_path):
     child = subprocess.Popen([sys.executable, "-c", CHILD], stdout=subprocess.PIPE, text=True)
     bystander = subprocess.Popen(["sleep", "60"])  # never installed a handler: SIGUSR1 would kill it
     try:
-        assert child.stdout.readline().strip() == "ready"
-        stacks = collect_stacks({"child": (LOCAL_NODE, child.pid), "bystander": (LOCAL_NODE, bystander.pid)})
+        word, path = child.stdout.readline().split()
+        assert word == "ready"
+        where = StackLocation(LOCAL_NODE, child.pid, path)
+        stacks = collect_stacks({"child": where, "bystander": StackLocation(LOCAL_NODE, bystander.pid, path)})
         assert "stall_in_the_child" in stacks["child"]
         assert "never called install_stack_dump" in stacks["bystander"]
         assert bystander.poll() is None and child.poll() is None  # neither was killed by the signal
 
-        path = tmp_path / "dump.txt"
-        dump_all(path, {"child": (LOCAL_NODE, child.pid)}, "a test")
-        text = path.read_text()
+        dump = tmp_path / "dump.txt"
+        dump_all(dump, {"child": where}, "a test")
+        text = dump.read_text()
         assert text.index("driver") < text.index("test_a_local_process_dumps_its_stacks_on_request") \
             < text.index("child (node local") < text.index("stall_in_the_child")
     finally:
         for process in (child, bystander):
             process.kill()
             process.wait(timeout=10)
-    assert "is gone" in collect_stacks({"child": (LOCAL_NODE, child.pid)})["child"]
-    stack_file_path(child.pid).unlink()
+    assert "is gone" in collect_stacks({"child": where})["child"]
 
 
 # ---------------------------------------------------------------- a stalled Ray actor
@@ -146,7 +148,7 @@ class StalledActor:
     def __init__(self):
         self._location = install_stack_dump()
 
-    def location(self) -> tuple[str, int]:
+    def location(self) -> StackLocation:
         return self._location
 
     def quick(self) -> int:
@@ -164,7 +166,7 @@ def test_a_stalled_actor_fails_the_wait_with_every_stack_on_disk(tmp_path):
     import ray.cloudpickle
     from ray.exceptions import RayActorError
 
-    from innerloop.distributed.placement import remote_class, start_ray
+    from innerloop.distributed.cluster.placement import remote_class, start_ray
 
     # The actor's class travels by value: Ray's workers cannot import this test module by name.
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -173,7 +175,7 @@ def test_a_stalled_actor_fails_the_wait_with_every_stack_on_disk(tmp_path):
     location = None
     try:
         location = ray.get(actor.location.remote(), timeout=60)
-        lost = ("ab" * 28, 1)  # a node id no cluster has: its reader cannot be scheduled
+        lost = StackLocation("ab" * 28, 1, "/nowhere")  # a node id no cluster has: its reader cannot be scheduled
         watchdog = Watchdog(WatchdogConfig(update_s=1.0), tmp_path,
                             lambda: {"stalled actor": location, "actor on a lost node": lost})
         assert watchdog.wait(actor.quick.remote(), "generate", "a quick call") == 1
@@ -201,5 +203,5 @@ def test_a_stalled_actor_fails_the_wait_with_every_stack_on_disk(tmp_path):
             patient.wait(stalled, "update", "the killed test actor")
     finally:
         ray.kill(actor)
-        if location is not None:  # same machine: the local cluster's actor wrote into our temp folder
-            stack_file_path(location[1]).unlink(missing_ok=True)
+        if location is not None:  # a killed actor leaves its private folder: remove it here
+            shutil.rmtree(Path(location.path).parent, ignore_errors=True)

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from innerloop.distributed import history, report_figures
-from innerloop.distributed.report_figures import Figure
+from innerloop.distributed.lens import history, report_figures
+from innerloop.distributed.lens.report_figures import Figure
 
 PHASES = ("generate", "probe", "update", "sync", "other")  # time_<phase> of a step record: they sum to time_step
 TIMED = ("generate", "update", "sync", "other")  # every GRPO step has these; time_probe only when it probed
@@ -189,7 +189,7 @@ def read_probe(run_dir: Path) -> list[dict[str, Any]]:
 
 def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
     """Write the report of a run directory (default RUN_DIR/report.html); returns its path."""
-    from innerloop.distributed.tracking import RunDir
+    from innerloop.distributed.state.tracking import RunDir
 
     run_dir = Path(run_dir)
     if not (run_dir / "metrics.jsonl").is_file():

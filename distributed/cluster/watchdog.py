@@ -16,7 +16,7 @@ name, e.g. "start", gets the adaptive rule with no fixed override) is, first mat
 
 On an overrun the watchdog writes one text file holding the driver's stacks and then every actor's,
 and raises `PhaseStalled`, whose message says where the file is and what to change. Actors' stacks
-come from `faulthandler`, which each actor registers on SIGUSR1 at start (`install_stack_dump`): its
+come from `faulthandler`, which each actor registers on SIGUSR1 at start (`install_stack_dump`, distributed/stacks.py): its
 handler writes the Python stacks of all threads from C, so it answers even when every thread is stuck
 in C code (a collective, a CUDA call, a lock) and no Python-level request could. The signal is sent by
 a small Ray task pinned to the actor's node (`collect_stacks`), so this works across machines.
@@ -27,21 +27,21 @@ from __future__ import annotations
 import faulthandler
 import logging
 import os
-import signal
 import tempfile
 import time
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import ray
 from ray.exceptions import GetTimeoutError, RayError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from innerloop.distributed.config import WatchdogConfig
+from innerloop.distributed.cluster.placement import remote_function
 from innerloop.distributed.errors import RunStopped
-from innerloop.distributed.placement import remote_function
+from innerloop.distributed.stacks import LOCAL_NODE, StackLocation, read_stacks
 
 log = logging.getLogger(__name__)
 
@@ -51,16 +51,10 @@ DISABLED_BOUND_S = 24 * 3600.0
 # Phases with a fixed override `watchdog.<phase>_s` in the config; listed, not derived from field
 # names, so that a phase called "floor" or "first" can never pick up `floor_s` or `first_s`.
 FIXED_PHASES = ("generate", "update", "sync", "checkpoint", "eval")
-STACK_SIGNAL = signal.SIGUSR1
 COLLECT_TIMEOUT_S = 20.0  # for all actors together; a task needs a worker process on each node
-DUMP_WAIT_S = 5.0  # the handler writes at once; this only covers a loaded machine
-LOCAL_NODE = ""  # the node id of a role running in the driver's process, outside Ray (tests)
 
-# Actor name -> (Ray node id, pid), as `install_stack_dump` returned them.
-Locations = dict[str, tuple[str, int]]
-
-# The file faulthandler writes into, open for the life of the process: the handler holds only its fd.
-_stack_file: IO[str] | None = None
+# Actor name -> where its stacks are, as `install_stack_dump` returned it.
+Locations = dict[str, StackLocation]
 
 
 class PhaseStalled(RunStopped):
@@ -172,78 +166,6 @@ class Watchdog:
 # ---------------------------------------------------------------- stacks of every process
 
 
-def stack_file_path(pid: int) -> Path:
-    """Where process `pid` writes its stacks on SIGUSR1; on that process's own node."""
-    return Path(tempfile.gettempdir()) / f"innerloop-stacks-{pid}.txt"
-
-
-def install_stack_dump() -> tuple[str, int]:
-    """Make this process dump its stacks on SIGUSR1; call once in each actor's __init__.
-
-    Returns (Ray node id, pid): what `collect_stacks` needs to reach this process. Outside Ray
-    (a role built in-process by a test) the node id is LOCAL_NODE.
-    """
-    global _stack_file
-    if _stack_file is None:  # once per process: a second registration would leak the first file
-        _stack_file = open(stack_file_path(os.getpid()), "w")  # never closed: see _stack_file
-        faulthandler.register(STACK_SIGNAL, file=_stack_file, all_threads=True)
-    node_id = ray.get_runtime_context().get_node_id() if ray.is_initialized() else LOCAL_NODE
-    return node_id, os.getpid()
-
-
-def read_stacks(pid: int, wait_s: float = DUMP_WAIT_S) -> str:
-    """Signal process `pid` on this node to dump its stacks and return them, or one line saying why not.
-
-    Runs on the actor's node, as a pinned Ray task (or in the driver for a LOCAL_NODE role).
-    """
-    path = stack_file_path(pid)
-    if not _holds_open(pid, path):
-        # Checked first: SIGUSR1's default action kills a process that has no handler for it.
-        return f"no stacks: process {pid} is gone or never called install_stack_dump ({path})\n"
-    before = path.stat().st_size
-    try:
-        os.kill(pid, STACK_SIGNAL)
-    except ProcessLookupError:  # exited since the check
-        return f"no stacks: process {pid} is gone\n"
-    text = _read_new(path, before, wait_s)
-    return text or f"no stacks: process {pid} wrote nothing to {path} within {wait_s:.0f} s\n"
-
-
-def _holds_open(pid: int, path: Path) -> bool:
-    """Whether `pid` is alive and has `path` open: proof it registered the handler (a stale file of a
-    dead process whose pid was reused does not count)."""
-    fd_dir = Path(f"/proc/{pid}/fd")
-    if not Path("/proc/self/fd").is_dir():  # no procfs (not Linux): trust the file's existence
-        return path.exists() and _alive(pid)
-    try:
-        return any(os.path.realpath(fd_dir / fd) == os.path.realpath(path) for fd in os.listdir(fd_dir))
-    except OSError:  # no such process, or not ours to inspect
-        return False
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except OSError:
-        return False
-    return True
-
-
-def _read_new(path: Path, offset: int, wait_s: float) -> str:
-    """The text appended to `path` after `offset`, once it stops growing (or after `wait_s`)."""
-    deadline = time.monotonic() + wait_s
-    size = offset
-    while time.monotonic() < deadline:
-        time.sleep(0.1)
-        grown = path.stat().st_size
-        if grown > offset and grown == size:
-            break  # written, and unchanged for one poll: the handler has finished
-        size = grown
-    with open(path, "rb") as f:
-        f.seek(offset)
-        return f.read().decode(errors="replace")
-
-
 def collect_stacks(locations: Locations, timeout_s: float = COLLECT_TIMEOUT_S) -> dict[str, str]:
     """Each named actor's stacks, read by a Ray task pinned to its node; at most `timeout_s` in all.
 
@@ -251,12 +173,12 @@ def collect_stacks(locations: Locations, timeout_s: float = COLLECT_TIMEOUT_S) -
     """
     stacks: dict[str, str] = {}
     pending: dict[str, ray.ObjectRef] = {}
-    for name, (node_id, pid) in locations.items():
-        if node_id == LOCAL_NODE:
-            stacks[name] = read_stacks(pid)
+    for name, where in locations.items():
+        if where.node_id == LOCAL_NODE:
+            stacks[name] = read_stacks(where.pid, where.path)
             continue
         try:
-            pending[name] = _pinned_reader(node_id).remote(pid)
+            pending[name] = _pinned_reader(where.node_id).remote(where.pid, where.path)
         except ValueError as err:  # not a node id at all: Ray refuses the scheduling strategy
             stacks[name] = f"no stacks: {err}\n"
     if pending:
@@ -274,8 +196,8 @@ def _pinned_reader(node_id: str):
     return remote_function(read_stacks, {"num_cpus": 0, "max_retries": 0, "scheduling_strategy": strategy})
 
 
-def _answer(ref: ray.ObjectRef, ready: list[ray.ObjectRef], location: tuple[str, int], timeout_s: float) -> str:
-    node_id, pid = location
+def _answer(ref: ray.ObjectRef, ready: list[ray.ObjectRef], where: StackLocation, timeout_s: float) -> str:
+    node_id, pid = where.node_id, where.pid
     if ref not in ready:
         return f"no stacks: the reader on node {node_id} (pid {pid}) did not answer within {timeout_s:.0f} s\n"
     try:
@@ -297,8 +219,8 @@ def dump_all(path: Path, locations: Locations, title: str = "") -> None:
         out.flush()
         faulthandler.dump_traceback(file=out, all_threads=True)
         for name, text in collect_stacks(locations).items():
-            node_id, pid = locations[name]
-            out.write(_header(f"{name} (node {node_id or 'local'}, pid {pid})"))
+            where = locations[name]
+            out.write(_header(f"{name} (node {where.node_id or 'local'}, pid {where.pid})"))
             out.write(text)
 
 

@@ -15,9 +15,9 @@ import ray
 from innerloop.actors.rollout import RolloutWorker
 from innerloop.distributed.config import Config, SamplingConfig
 from innerloop.distributed.errors import RunStopped
-from innerloop.distributed.placement import Placement, alive_nodes, remote_class, start_ray
+from innerloop.distributed.cluster.placement import Placement, alive_nodes, remote_class, start_ray
 from innerloop.distributed.records import Question, Trajectory, TrainingSample
-from innerloop.distributed.watchdog import Watchdog
+from innerloop.distributed.cluster.watchdog import Locations, Watchdog
 from innerloop.learners import grpo
 from innerloop.learners.grpo import LossNormalizers
 from innerloop.learners.learner import Learner
@@ -40,7 +40,7 @@ class Fleet:
         self._placement = placement
         self.learners: list = []
         self.workers: list = []
-        self._locations: dict[str, tuple[str, int]] = {}  # actor name -> (node id, pid), for stack dumps
+        self._locations: Locations = {}  # actor name -> where its stacks are, for stack dumps
         self.watchdog = Watchdog(cfg.watchdog, dump_dir=None, locations=lambda: dict(self._locations))
         self.worker_restarts = 0
         self.events: list[dict] = []  # what happened to the actors since the driver last looked

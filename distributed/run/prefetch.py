@@ -7,7 +7,7 @@ synchronous trainer (each generation submitted when its step starts).
 from __future__ import annotations
 
 from innerloop.distributed.config import Config
-from innerloop.distributed.questions import QuestionStream
+from innerloop.distributed.run.questions import QuestionStream
 
 
 def staleness_bound(cfg: Config) -> int:

@@ -17,17 +17,23 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from innerloop.distributed import checkpoints, fleet, history, sft_stage
+from innerloop.distributed.cluster import fleet
+
+from innerloop.distributed.lens import history
+
+from innerloop.distributed.run import sft_stage
+
+from innerloop.distributed.state import checkpoints
 from innerloop.distributed.config import Config, ConfigError
 from innerloop.distributed.errors import RunStopped
-from innerloop.distributed.model_prep import resolve_model
-from innerloop.distributed.prefetch import Prefetch, staleness_bound
-from innerloop.distributed.progress import StepDisplay
-from innerloop.distributed.questions import QuestionStream, load_questions
+from innerloop.distributed.state.model_prep import resolve_model
+from innerloop.distributed.run.prefetch import Prefetch, staleness_bound
+from innerloop.distributed.run.progress import StepDisplay
+from innerloop.distributed.run.questions import QuestionStream, load_questions
 from innerloop.distributed.records import Trajectory
-from innerloop.distributed.samples import build_samples, group_by_question, loss_normalizers, sft_normalizer
-from innerloop.distributed.sft_stage import SftSchedule
-from innerloop.distributed.tracking import RunDir
+from innerloop.distributed.run.samples import build_samples, group_by_question, loss_normalizers, sft_normalizer
+from innerloop.distributed.run.sft_stage import SftSchedule
+from innerloop.distributed.state.tracking import RunDir
 
 log = logging.getLogger(__name__)
 
@@ -189,7 +195,7 @@ class Trainer:
 
     def _probe(self, actors: "fleet.Fleet", questions, trajectories, step: int) -> None:
         """The inner-loop curves of a few of this step's trajectories, into run_dir/probe/."""
-        from innerloop.distributed.probe_run import summarize_groups, write_probe
+        from innerloop.distributed.lens.probe import summarize_groups, write_probe
 
         cfg = self.cfg.probe
         records = actors.probe(pick_for_probe(trajectories, questions, cfg.questions, cfg.samples),

@@ -7,11 +7,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from innerloop.distributed import checkpoints
+from innerloop.distributed.state import checkpoints
 from innerloop.distributed.config import Config
-from innerloop.distributed.model_prep import resolve_model
-from innerloop.distributed.passk import PassKSummary, summarize
-from innerloop.distributed.questions import load_questions
+from innerloop.distributed.state.model_prep import resolve_model
+from innerloop.distributed.lens.passk import PassKSummary, summarize
+from innerloop.distributed.run.questions import load_questions
 from innerloop.distributed.records import Trajectory
 
 

@@ -141,7 +141,7 @@ def _visit(step: int, group: list[Mapping[str, Any]]) -> Visit:
 
 def history_of_run(run_dir: str | Path) -> dict[str, QuestionHistory]:
     """The history of a run directory (its trajectories.jsonl), or of a checkpoint folder (its saved copy)."""
-    from innerloop.distributed.tracking import RunDir
+    from innerloop.distributed.state.tracking import RunDir
 
     run_dir = Path(run_dir)
     if (run_dir / CHECKPOINT_FILE).is_file():

