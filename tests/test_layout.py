@@ -1,6 +1,9 @@
-"""One home per heavy dependency, and the package installs under `innerloop.*` (see DESIGN.md).
+"""One home per heavy dependency, rooms that import only downward, and the package installs under
+`innerloop.*` (see DESIGN.md and the README's "How it works").
 
-Imports are read with `ast`, not by importing, so the check is fast and sees imports inside functions.
+Imports are read with `ast`, not by importing, so the check is fast and sees imports inside functions;
+rules about what a module may reach are checked on the transitive closure of those imports (a function
+that imports something counts as if it ran), and the "loads no Ray" rules also by really importing.
 """
 
 from __future__ import annotations
@@ -9,6 +12,7 @@ import ast
 import importlib.metadata
 import importlib.util
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -18,9 +22,8 @@ ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("actors", "learners", "distributed")  # folder name == innerloop.<name>
 SOURCES = sorted(p for folder in PACKAGES for p in (ROOT / folder).rglob("*.py"))
 
-# Driver-level modules in distributed/ that may talk to Ray besides placement and fleet.
-RAY_HOMES = {"distributed/cluster/placement.py", "distributed/cluster/fleet.py", "distributed/run/driver.py", "distributed/cli.py",
-             "distributed/cluster/watchdog.py"}
+# The shared vocabulary at the top of distributed/: every room imports it, it imports no room.
+VOCABULARY = {"config", "config_load", "records", "errors", "stacks"}
 
 
 def rel(path: Path) -> str:
@@ -62,6 +65,27 @@ def importers_of(top: str) -> set[str]:
     return {f for f, mods in IMPORTS.items() if any(m == top or m.startswith(top + ".") for m in mods)}
 
 
+FILES = {module_name(p): rel(p) for p in SOURCES}  # innerloop.x.y -> x/y.py (packages -> __init__.py)
+
+
+def reachable(start: str) -> set[str]:
+    """Every source file `start` (a file) reaches through innerloop imports, itself included."""
+    seen, todo = set(), [start]
+    while todo:
+        current = todo.pop()
+        if current in seen:
+            continue
+        seen.add(current)
+        todo += [FILES[m] for m in IMPORTS[current] if m in FILES]
+    return seen
+
+
+def test_reachable_follows_imports_through_other_modules():
+    assert "distributed/records.py" in reachable("actors/rollout.py")
+    chain = reachable("distributed/cli.py")
+    assert "learners/grpo.py" in chain and "actors/tasks.py" in chain  # cli -> run/... -> both planes
+
+
 def test_sources_found():
     assert "actors/rollout.py" in IMPORTS and "learners/grpo.py" in IMPORTS and "distributed/cluster/placement.py" in IMPORTS
 
@@ -86,10 +110,49 @@ def test_deepspeed_only_in_the_learner():
     assert importers_of("deepspeed") == {"learners/learner.py"}
 
 
-def test_ray_only_in_distributed_driver_level_modules():
+def test_ray_only_in_the_cluster_room():
     users = importers_of("ray")
     assert "distributed/cluster/placement.py" in users
-    assert users <= RAY_HOMES, f"ray imported outside its homes: {sorted(users - RAY_HOMES)}"
+    outside = {f for f in users if not f.startswith("distributed/cluster/")}
+    assert not outside, f"ray imported outside distributed/cluster/: {sorted(outside)}"
+
+
+def test_matplotlib_only_in_the_lens():
+    outside = {f for f in importers_of("matplotlib") if not f.startswith("distributed/lens/")}
+    assert not outside, f"matplotlib imported outside distributed/lens/: {sorted(outside)}"
+
+
+RAY_FREE = ["learners/grpo.py", "learners/learner.py", "actors/rollout.py",
+            *sorted(f for f in IMPORTS if f.startswith("distributed/lens/"))]
+
+
+@pytest.mark.parametrize("start", RAY_FREE)
+def test_roles_math_and_lens_reach_no_ray(start):
+    ray_users = importers_of("ray")
+    reached = sorted(reachable(start) & ray_users)
+    assert not reached, f"{start} reaches Ray through {reached}"
+
+
+def test_importing_loads_no_ray_and_no_other_plane():
+    """Really imported, each in a fresh interpreter (all at once: each pays for torch's import)."""
+    modules = ["innerloop.learners.grpo", "innerloop.learners.learner", "innerloop.actors.rollout",
+               "innerloop.distributed.lens.report"]
+    running = {}
+    for module in modules:
+        other = "innerloop.learners." if ".actors." in module else "innerloop.actors."
+        code = (f"import sys, {module}; print(sorted(m for m in sys.modules if m.split('.')[0] == 'ray' "
+                f"or m.startswith('{other}')))")
+        running[module] = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    for module, process in running.items():
+        out, _ = process.communicate(timeout=120)
+        assert process.returncode == 0 and out.strip().splitlines()[-1] == "[]", f"importing {module} loaded {out}"
+
+
+@pytest.mark.parametrize("name", sorted(VOCABULARY))
+def test_the_shared_vocabulary_reaches_no_room(name):
+    reached = {f for f in reachable(f"distributed/{name}.py") if f != f"distributed/{name}.py"}
+    allowed = {f"distributed/{v}.py" for v in VOCABULARY}
+    assert reached <= allowed, f"distributed/{name}.py reaches {sorted(reached - allowed)}"
 
 
 def ray_remote_uses(path: Path) -> list[int]:
@@ -140,9 +203,18 @@ def test_ray_remote_only_in_placement():
 
 
 @pytest.mark.parametrize("folder, other", [("actors", "learners"), ("learners", "actors")])
-def test_actors_and_learners_never_import_each_other(folder, other):
-    offenders = {f for f in importers_of(f"innerloop.{other}") if f.startswith(folder + "/")}
-    assert not offenders, f"{folder}/ imports innerloop.{other}: {sorted(offenders)}"
+def test_actors_and_learners_never_reach_each_other(folder, other):
+    offenders = {f: sorted(g for g in reachable(f) if g.startswith(other + "/"))
+                 for f in IMPORTS if f.startswith(folder + "/")}
+    offenders = {f: via for f, via in offenders.items() if via}
+    assert not offenders, f"{folder}/ reaches {other}/: {offenders}"
+
+
+def test_rooms_exist_and_hold_their_jobs():
+    rooms = {p.name for p in (ROOT / "distributed").iterdir() if (p / "__init__.py").is_file()}
+    assert rooms == {"run", "cluster", "state", "lens"}
+    top = {p.stem for p in (ROOT / "distributed").glob("*.py")} - {"__init__"}
+    assert top == VOCABULARY | {"cli"}, f"distributed/ top level holds {sorted(top)}"
 
 
 def test_grpo_math_imports_only_torch_and_stdlib():
