@@ -67,9 +67,20 @@ class TaskConfig(_Section):
     def _dataset_needs_path(self) -> "TaskConfig":
         if self.source == "dataset" and not self.path:
             raise ValueError("tasks.source is 'dataset' but tasks.path is not set; set tasks.path=FILE")
-        if "{question}" not in self.prompt_template:
-            raise ValueError("tasks.prompt_template must contain '{question}'")
+        _check_prompt_template(self.prompt_template)
         return self
+
+
+def _check_prompt_template(template: str) -> None:
+    """The template is filled with str.format(question=...): any other placeholder, or a lone brace,
+    would fail at the first rollout; literal braces are written doubled ({{ and }})."""
+    try:
+        filled = template.format(question="\0")
+    except (KeyError, IndexError, ValueError) as exc:
+        raise ValueError(f"tasks.prompt_template {template!r} cannot be filled: {exc!r}. Its only placeholder is "
+                         "{question}; write a literal brace doubled ({{ or }}), e.g. \\boxed{{}}") from None
+    if "\0" not in filled:
+        raise ValueError(f"tasks.prompt_template {template!r} must contain '{{question}}'")
 
 
 class SamplingConfig(_Section):
@@ -81,7 +92,7 @@ class SamplingConfig(_Section):
 
 class RolloutConfig(SamplingConfig):
     workers: int = Field(1, ge=1)  # Ray actors, each owning one vLLM engine
-    group_size: int = Field(8, ge=1)  # G: trajectories per question
+    group_size: int = Field(8, ge=1)  # G: trajectories per question (at least 2: see the check below)
     questions_per_step: int = Field(8, ge=1)
     # KV cache size in GiB. An explicit size, because on the CPU vLLM's memory fraction is taken of
     # the host memory still free, so it fails whenever other processes (learners) hold memory.
@@ -117,6 +128,14 @@ class RolloutConfig(SamplingConfig):
     # A planned pool size by step, e.g. {10: 4, 30: 2}: before step 10 the pool becomes 4 workers, before
     # step 30 two (an elastic-scaling experiment without touching the cluster). Applied like `innerloop scale`.
     worker_schedule: dict[int, int] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _groups_can_differ(self) -> "RolloutConfig":
+        if self.group_size < 2:
+            raise ValueError(f"rollout.group_size = {self.group_size}: a trajectory's advantage is its reward "
+                             "relative to its group's mean, so a group of one always has advantage 0 and "
+                             "nothing trains; set rollout.group_size to 2 or more (the paper uses 16)")
+        return self
 
     @model_validator(mode="after")
     def _schedule_counts_are_positive(self) -> "RolloutConfig":
@@ -166,13 +185,21 @@ class LearnerConfig(_Section):
     zero_stage: Literal[0, 1, 2, 3] = 2
     lr: float = Field(2e-5, gt=0.0)
     weight_decay: float = Field(0.0, ge=0.0)
-    betas: tuple[float, float] = (0.9, 0.99)
+    betas: tuple[float, float] = (0.9, 0.99)  # Adam's; each in [0, 1)
     warmup_steps: int = Field(2, ge=0)
     grad_clip: float = Field(1.0, gt=0.0)
     micro_batch_size: int = Field(16, ge=1)  # samples per forward/backward on one rank
     gradient_checkpointing: bool = False  # trades compute for memory; a 135M model fits without it
     threads: int = Field(0, ge=0)  # torch threads per rank; 0 = the machine's cores / ranks
     gpus_per_rank: float = Field(0.0, ge=0.0)
+
+
+    @model_validator(mode="after")
+    def _betas_in_range(self) -> "LearnerConfig":
+        if not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ValueError(f"learner.betas {list(self.betas)}: Adam's betas must each be in [0, 1) "
+                             "(the usual choice is [0.9, 0.999]; innerloop's default is [0.9, 0.99])")
+        return self
 
 
 class EvalConfig(SamplingConfig):

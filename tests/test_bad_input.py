@@ -64,3 +64,23 @@ def test_a_custom_reward_takes_answers_the_verifier_cannot_read(tmp_path):
                              "tasks.eval_count=1", "reward.kind=custom", "reward.custom=tests.doubles:length_reward"])
     train, held_out = check_inputs(cfg)
     assert len(train + held_out) == 3
+
+
+@pytest.mark.parametrize("override, words", [
+    ("rollout.group_size=1", ["rollout.group_size = 1", "advantage 0", "2 or more"]),
+    ("tasks.prompt_template=Q: {q}", ["tasks.prompt_template", "KeyError('q')", "{question}"]),
+    ("tasks.prompt_template=Q: {question} \\boxed{}", ["cannot be filled", "doubled"]),
+    ("tasks.prompt_template=no placeholder", ["must contain '{question}'"]),
+    ("learner.betas=[0.9, 1.0]", ["learner.betas", "[0, 1)"]),
+])
+def test_settings_that_cannot_work_stop_before_start(override, words):
+    with pytest.raises(ConfigError) as caught:
+        load_config(None, [override])
+    assert all(w in str(caught.value) for w in words), str(caught.value)
+
+
+def test_a_config_file_that_is_not_utf8_names_the_file(tmp_path):
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("rollout:\n  stop: ['\u00e9']\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"latin1.yaml is not UTF-8 text \(byte \d+\); save it as UTF-8"):
+        load_config(path)

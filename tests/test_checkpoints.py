@@ -181,22 +181,43 @@ def test_other_errors_pass_through_unchanged_and_leave_no_partial(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_an_old_checkpoint_without_a_manifest_still_loads(tmp_path):
+def test_a_checkpoint_without_a_manifest_is_listed_but_never_trusted(tmp_path):
     old = tmp_path / "step-000007"
     (old / "deepspeed").mkdir(parents=True)
     (old / "state.json").write_text(json.dumps(
         {"step": 7, "policy_version": 7, "question_position": 112, "config_fingerprint": "old"}))
-    assert checkpoints.latest(tmp_path) == checkpoints.latest_good(tmp_path) == old
-    assert checkpoints.verify(old) == []
-    fleet = FakeFleet()
-    state = checkpoints.load(old, fleet)
-    assert state == DriverState(step=7, policy_version=7, question_position=112, config_fingerprint="old")
-    assert (state.rng, state.metric, state.extra) == ({}, None, {})
-    assert fleet.loaded == (old / "deepspeed", "state")
+    assert checkpoints.latest(tmp_path) == old and checkpoints.latest_good(tmp_path) is None
+    assert "no manifest.json" in checkpoints.verify(old)[0] and "not trusted" in checkpoints.verify(old)[0]
+    with pytest.raises(checkpoints.CheckpointError, match="not trusted"):
+        checkpoints.load(old, FakeFleet())
     assert checkpoints.list_checkpoints(tmp_path) == [checkpoints.CheckpointInfo(7, None, old)]
-    # a new save beside it prunes it like any other
-    checkpoints.save(tmp_path, dataclasses.replace(state, step=8, policy_version=8), FakeFleet(), keep=1)
-    assert steps_in(tmp_path) == [8]
+
+
+@pytest.mark.parametrize("manifest, reason", [
+    (b"{not json", "unreadable"),
+    (b"\xff\xfe", "unreadable"),
+    (b"[1, 2]", "is malformed"),
+    (b'{"files": {"state.json": {"bytes": "12", "sha256": "x"}}}', "is malformed"),
+    (b'{"files": {"../../outside": {"bytes": 1, "sha256": "x"}}}', "is malformed"),
+])
+def test_a_malformed_manifest_is_damage_with_its_reason(tmp_path, manifest, reason, capsys):
+    from innerloop.distributed import cli
+
+    saved = checkpoints.save(tmp_path / "checkpoints", state_at(2), FakeFleet(), keep=2)
+    (saved / "manifest.json").write_bytes(manifest)
+    assert reason in checkpoints.verify(saved)[0]
+    assert checkpoints.latest_good(tmp_path / "checkpoints") is None
+    assert checkpoints.best(tmp_path / "checkpoints") is None  # no metric to rank by, and no crash
+    assert cli.main(["checkpoints", str(tmp_path), "--verify"]) == 1
+    assert f"step-000002  metric        -  DAMAGED: manifest.json {reason}" in capsys.readouterr().out
+
+
+def test_a_file_the_manifest_does_not_list_is_damage(tmp_path):
+    saved = checkpoints.save(tmp_path, state_at(2), FakeFleet(), keep=2)
+    (saved / "deepspeed" / "state" / "planted.pt").write_bytes(b"pickle")
+    (saved / "model" / "link").symlink_to(saved / "state.json")
+    assert checkpoints.verify(saved) == ["deepspeed/state/planted.pt: not in the manifest",
+                                         "model/link: not in the manifest"]
 
 
 def test_steps_past_six_digits_sort_by_number(tmp_path):

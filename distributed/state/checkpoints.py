@@ -10,9 +10,14 @@ checkpoints/step-000010/
 
 A checkpoint is written as `.partial-step-N`, every file and folder is fsynced, the manifest goes
 in last, and only then is the folder renamed; so a crash or a full disk at any moment never harms
-the checkpoints already there. A `step-N` folder counts as complete only with its manifest
-(or, for run directories from before manifests, its state.json). Folders to delete are first
-renamed to `.trash-step-N`, so a crash mid-delete never leaves a half-deleted `step-N` behind.
+the checkpoints already there. A `step-N` folder counts as complete only with its manifest; one
+with a state.json and no manifest is listed but never trusted (nothing vouches for its files), and
+a file on disk that the manifest does not list is damage too. Folders to delete are first renamed
+to `.trash-step-N`, so a crash mid-delete never leaves a half-deleted `step-N` behind.
+
+The manifest is not signed: it finds accidents (a torn copy, a flipped bit, a truncated file). What
+keeps a hostile checkpoint from running code is the learner's loading, which never unpickles
+anything but tensors and plain data (learners/learner.py).
 """
 
 from __future__ import annotations
@@ -252,7 +257,8 @@ def _step_of(path: Path) -> int:
 
 
 def _is_complete(path: Path) -> bool:
-    # state.json alone: a checkpoint from before manifests (renamed into place only when whole).
+    # state.json alone: listed (a checkpoint from before manifests, or one whose manifest was
+    # removed), so that `verify` can name what is wrong with it; it never verifies.
     return (path / MANIFEST).is_file() or (path / STATE).is_file()
 
 
@@ -264,17 +270,37 @@ def _complete(root: Path) -> list[Path]:
     return sorted((p for p in root.iterdir() if _NAME.fullmatch(p.name) and _is_complete(p)), key=_step_of)
 
 
-def _read_manifest(path: Path) -> dict | None:
+def _read_manifest(path: Path) -> dict:
+    """The manifest as written by `save`; ValueError saying what is wrong with it otherwise."""
     file = path / MANIFEST
-    return json.loads(file.read_text()) if file.is_file() else None
+    if not file.is_file():
+        raise ValueError(f"no {MANIFEST}: nothing vouches for its files, so it is not trusted (a checkpoint "
+                         "from before manifests, or one whose manifest was removed)")
+    try:
+        manifest = json.loads(file.read_bytes().decode("utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{MANIFEST} unreadable: {exc}") from None
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(files, dict) or not all(_is_file_entry(name, entry) for name, entry in files.items()):
+        raise ValueError(f"{MANIFEST} is malformed: it must map every file's relative path to its bytes and sha256")
+    return manifest
+
+
+def _is_file_entry(name, entry) -> bool:
+    parts = Path(name).parts if isinstance(name, str) else ()
+    return (bool(parts) and not Path(name).is_absolute() and ".." not in parts and isinstance(entry, dict)
+            and type(entry.get("bytes")) is int and isinstance(entry.get("sha256"), str))
+
+
+def _manifest_or_empty(path: Path) -> dict:
+    try:
+        return _read_manifest(path)
+    except ValueError:
+        return {}
 
 
 def _metric_of(path: Path) -> float | None:
-    try:
-        manifest = _read_manifest(path)
-    except (OSError, ValueError):
-        return None
-    return _finite_or_none(manifest.get("metric")) if manifest else None
+    return _finite_or_none(_manifest_or_empty(path).get("metric"))
 
 
 def _finite_or_none(value) -> float | None:
@@ -285,16 +311,16 @@ def verify(path: Path) -> list[str]:
     """What is wrong with the checkpoint at `path` (missing files, wrong sizes or checksums); [] if nothing."""
     path = Path(path)
     try:
-        manifest = _read_manifest(path)
-    except (OSError, ValueError) as exc:
-        return [f"{MANIFEST} unreadable: {exc}"]
-    if manifest is None:  # from before manifests: nothing to check against but the state itself
-        return [] if (path / STATE).is_file() else [f"no {MANIFEST} or {STATE}"]
-    problems = []
-    for name, expected in manifest.get("files", {}).items():
+        listed = _read_manifest(path)["files"]
+    except ValueError as exc:
+        return [str(exc)]
+    on_disk = {p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file() or p.is_symlink()}
+    # A file the manifest does not list (a planted one, or a link) could be read on load: damage too.
+    problems = [f"{name}: not in the manifest" for name in sorted(on_disk - set(listed) - {MANIFEST})]
+    for name, expected in listed.items():
         file = path / name
-        if not file.is_file():
-            problems.append(f"{name}: missing")
+        if file.is_symlink() or not file.is_file():
+            problems.append(f"{name}: missing" if not file.is_symlink() else f"{name}: a link, not a file")
         elif (size := file.stat().st_size) != expected["bytes"]:
             problems.append(f"{name}: {size} bytes, expected {expected['bytes']}")
         elif _hash_and_sync(file, sync=False)["sha256"] != expected["sha256"]:
@@ -323,8 +349,7 @@ def best(root: Path) -> Path | None:
     found = _complete(root)
     if not found:
         return None
-    manifest = _read_manifest(found[-1]) or {}
-    ranked = _best_of(found, manifest.get("best_mode", "max"))
+    ranked = _best_of(found, _manifest_or_empty(found[-1]).get("best_mode", "max"))
     return ranked[0] if ranked else None
 
 
