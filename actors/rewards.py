@@ -126,8 +126,19 @@ def _parse_answer(answer: str) -> tuple[Any, ...]:
     return tuple(parse(answer, extraction_config=[ExprExtractionConfig()], parsing_timeout=None))
 
 
+# Letters a mathematical answer may hold in a row: units in \text{...} and the like, LaTeX commands,
+# and these function names are removed first; any other run of letters is a word.
+_MATH_NAMES = re.compile(r"\\(?:text|mathrm|textbf|mbox|operatorname)\s*\{[^}]*\}|\\[A-Za-z]+"
+                         r"|\b(?:sqrt|frac|sin|cos|tan|cot|sec|csc|log|ln|exp|pi|inf|infty|mod)\b")
+_WORD = re.compile(r"[A-Za-z]{2,}")
+
+
 def answer_is_parsable(answer: str) -> bool:
-    """Whether the verifier can read a reference answer at all; one it cannot is never matched."""
+    """Whether the verifier can read a reference answer as a mathematical value. One it cannot is never
+    matched; one made of words ("seven") would parse as a product of letters, and any anagram of it
+    would then be graded correct, so words are refused too."""
+    if _WORD.search(_MATH_NAMES.sub(" ", answer)):
+        return False
     try:
         parsed = _parse_answer(answer.strip())
     except Exception:  # math_verify raises on some malformed LaTeX rather than returning nothing

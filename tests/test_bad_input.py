@@ -52,6 +52,16 @@ def test_unparsable_reference_answers_are_skipped_and_counted(tmp_path, caplog):
     assert "skipped 1 questions whose reference answer the math verifier cannot parse" in caplog.text
 
 
+def test_a_reference_made_of_words_is_not_an_answer(tmp_path, caplog):
+    # Parsed as a product of letters, "seven" would match any anagram: "\\boxed{seven is the answer}".
+    answers = ["42", "the answer is seven", "5\\text{ cm}", "\\sqrt{2}", "x + 1"]
+    cfg = load_config(None, ["tasks.source=dataset", f"tasks.path={_dataset(tmp_path, answers)}",
+                             "tasks.eval_count=1"])
+    train, held_out = check_inputs(cfg)
+    assert {q.answer for q in train + held_out} == {"42", "5\\text{ cm}", "\\sqrt{2}", "x + 1"}
+    assert "'the answer is seven'" in caplog.text
+
+
 def test_unparsable_reference_answers_stop_the_load_in_fail_mode(tmp_path):
     cfg = load_config(None, ["tasks.source=dataset", f"tasks.path={_dataset(tmp_path, ['42', '}{'])}",
                              "tasks.eval_count=1", "tasks.on_bad_row=fail"])

@@ -41,8 +41,9 @@ def _with_parsable_answers(questions: list[Question], cfg: TaskConfig) -> list[Q
         return questions
     example = f"question {bad[0].question_id} has answer {bad[0].answer!r}"
     if cfg.on_bad_row == "fail":
-        raise ValueError(f"{cfg.path}: the math verifier cannot parse {len(bad)} reference answers ({example}); "
-                         "fix those rows, set tasks.on_bad_row=skip to skip them, or use a custom reward")
+        raise ValueError(f"{cfg.path}: the math verifier cannot parse {len(bad)} reference answers ({example}) "
+                         "as mathematical values (words such as 'seven' are not); fix those rows, set "
+                         "tasks.on_bad_row=skip to skip them, or use a custom reward")
     log.warning("%s: skipped %d questions whose reference answer the math verifier cannot parse (%s)",
                 cfg.path, len(bad), example)
     unreadable = {q.question_id for q in bad}
