@@ -18,3 +18,12 @@ def chat_prompt_ids(tokenizer: Any, question_text: str, system_prompt: str, prom
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     # The template already holds the special tokens; encoding must not add a second BOS.
     return tokenizer.encode(text, add_special_tokens=False)
+
+
+def model_length_limit(model_path: str, wanted: int) -> int:
+    """The tokens one sequence may hold: the configured length, capped at what the model's positions
+    allow (vLLM refuses more)."""
+    from transformers import AutoConfig
+
+    limit = getattr(AutoConfig.from_pretrained(model_path), "max_position_embeddings", None)
+    return min(wanted, limit) if limit else wanted

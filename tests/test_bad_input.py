@@ -94,3 +94,39 @@ def test_a_config_file_that_is_not_utf8_names_the_file(tmp_path):
     path.write_bytes("rollout:\n  stop: ['\u00e9']\n".encode("latin-1"))
     with pytest.raises(ConfigError, match=r"latin1.yaml is not UTF-8 text \(byte \d+\); save it as UTF-8"):
         load_config(path)
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    from tests.tiny_model import build_tiny_model
+
+    return str(build_tiny_model(tmp_path_factory.mktemp("tiny")))
+
+
+def _long_and_short():
+    from innerloop.distributed.records import Question
+
+    return [Question("short", "What is 1 + 2?", "3"), Question("long", "What is 1 + 2? " * 200, "3")]
+
+
+def test_a_prompt_longer_than_the_model_length_is_skipped_and_counted(tiny_folder, caplog):
+    from transformers import AutoTokenizer
+
+    from innerloop.distributed.run.questions import fitting_prompts
+
+    # The tiny model has 512 positions: the cap applies even when rollout.max_model_len asks for more.
+    cfg = load_config(None, ["rollout.max_model_len=4096"])
+    kept = fitting_prompts(_long_and_short(), cfg, tiny_folder, AutoTokenizer.from_pretrained(tiny_folder))
+    assert [q.question_id for q in kept] == ["short"]
+    assert "skipped 1 questions leave no room to generate within 512 tokens" in caplog.text
+    assert "question long is" in caplog.text
+
+
+def test_a_prompt_longer_than_the_model_length_stops_the_load_in_fail_mode(tiny_folder):
+    from transformers import AutoTokenizer
+
+    from innerloop.distributed.run.questions import fitting_prompts
+
+    cfg = load_config(None, ["rollout.max_model_len=256", "tasks.on_bad_row=fail"])
+    with pytest.raises(ValueError, match=r"within 256 tokens.*question long is \d+ tokens.*on_bad_row=skip"):
+        fitting_prompts(_long_and_short(), cfg, tiny_folder, AutoTokenizer.from_pretrained(tiny_folder))

@@ -6,7 +6,8 @@ import logging
 import random
 
 from innerloop.actors import tasks
-from innerloop.distributed.config import TaskConfig
+from innerloop.actors.prompts import chat_prompt_ids, model_length_limit
+from innerloop.distributed.config import Config, TaskConfig
 from innerloop.distributed.records import Question
 
 log = logging.getLogger(__name__)
@@ -48,6 +49,27 @@ def _with_parsable_answers(questions: list[Question], cfg: TaskConfig) -> list[Q
                 cfg.path, len(bad), example)
     unreadable = {q.question_id for q in bad}
     return [q for q in questions if q.question_id not in unreadable]
+
+
+def fitting_prompts(questions: list[Question], cfg: Config, model_path: str, tokenizer) -> list[Question]:
+    """The questions whose chat-templated prompt, in tokens, leaves the engine room to generate within
+    rollout.max_model_len (capped at the model's positions); the others are skipped and counted, or
+    stop the load naming the first under tasks.on_bad_row=fail. An engine never sees a prompt it refuses."""
+    limit = model_length_limit(model_path, cfg.rollout.max_model_len)
+    tasks_cfg = cfg.tasks
+    lengths = {q.question_id: len(chat_prompt_ids(tokenizer, q.prompt, tasks_cfg.system_prompt,
+                                                  tasks_cfg.prompt_template)) for q in questions}
+    long = [q for q in questions if lengths[q.question_id] >= limit]
+    if not long:
+        return questions
+    example = f"question {long[0].question_id} is {lengths[long[0].question_id]} tokens as a prompt"
+    what = (f"{len(long)} questions leave no room to generate within {limit} tokens "
+            f"(rollout.max_model_len, capped at the model's positions): {example}")
+    if tasks_cfg.on_bad_row == "fail":
+        raise ValueError(f"{what}. Shorten those questions, raise rollout.max_model_len, or set "
+                         "tasks.on_bad_row=skip to skip them")
+    log.warning("skipped %s", what)
+    return [q for q in questions if lengths[q.question_id] < limit]
 
 
 class QuestionStream:
