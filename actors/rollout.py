@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from innerloop.actors.prompts import chat_prompt_ids
-from innerloop.distributed.config import RewardConfig, RolloutConfig, SamplingConfig
+from innerloop.distributed.config import Config, RewardConfig, RolloutConfig, SamplingConfig
 from innerloop.distributed.records import Question, Rollout, Trajectory
 from innerloop.distributed.stacks import StackLocation, install_stack_dump
 
@@ -165,3 +165,21 @@ class RolloutWorker:
         self._scorer.close()
         # vLLM 0.32 has no public shutdown on `LLM`; its engine-core client does.
         self._llm.llm_engine.engine_core.shutdown()
+
+
+def worker_args(cfg: Config, model_path: str, seed: int) -> tuple:
+    """`RolloutWorker`'s arguments for a run's config: `RolloutWorker(*worker_args(...))` in-process,
+    `remote_class(RolloutWorker, options).remote(*worker_args(...))` as a Ray actor."""
+    tasks = cfg.tasks
+    return model_path, cfg.model.dtype, cfg.rollout, cfg.reward, tasks.system_prompt, tasks.prompt_template, seed
+
+
+def generate_in_process(cfg: Config, model_path: str, questions: list[Question], samples_per_question: int,
+                        sampling: SamplingConfig) -> tuple[Trajectory, ...]:
+    """One worker in this process (no Ray needed for one engine): generate, then close the engine, so
+    its memory is free again when this returns."""
+    worker = RolloutWorker(*worker_args(cfg, model_path, cfg.train.seed))
+    try:
+        return worker.generate(questions, samples_per_question, sampling=sampling).trajectories
+    finally:
+        worker.close()

@@ -10,15 +10,14 @@ Eval questions never appear in training: they are told apart by id and by prompt
 
 from __future__ import annotations
 
+import functools
 import hashlib
-import json
 import logging
 import random
-from collections import Counter
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Literal
+from typing import Any, Callable, Literal
 
+from innerloop.actors.rows import BadRowError, Loaded, Rows, check_on_bad_row, field_text, jsonl_rows
 from innerloop.actors.word_problems import MAX_WORD_STEPS, draw_word_problem
 from innerloop.distributed.records import Question
 
@@ -205,17 +204,12 @@ def split_train_eval(questions: list[Question], eval_count: int, seed: int) -> t
 # ---------------------------------------------------------------- local datasets
 
 
-@dataclass(frozen=True)
-class LoadedQuestions:
-    """The questions read from a dataset, and what was skipped on the way."""
+class LoadedQuestions(Loaded[Question]):
+    """The questions read from a dataset (`questions`), and what was skipped on the way."""
 
-    questions: list[Question]
-    skipped: int = 0
-    skip_reasons: dict[str, int] = field(default_factory=dict)  # reason -> rows
-
-
-class BadRowError(ValueError):
-    """A dataset row that cannot become a question (raised with on_bad_row='fail')."""
+    @property
+    def questions(self) -> list[Question]:
+        return self.items
 
 
 def load_dataset_questions(
@@ -233,8 +227,7 @@ def load_dataset_questions(
     counted, or with on_bad_row="fail" stops the load naming the row. A missing solution is just "".
     Without `id_field`, ids are "<file stem>[-<split>]-<row>" (stable as long as the file is).
     """
-    if on_bad_row not in ("skip", "fail"):
-        raise ValueError(f"on_bad_row must be 'skip' or 'fail', got {on_bad_row!r}")
+    check_on_bad_row(on_bad_row)
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"dataset path {str(path)!r} does not exist")
@@ -246,32 +239,13 @@ def load_dataset_questions(
             raise ValueError(f"{setting}={name!r} is not a column of {path}; its columns are: "
                              f"{', '.join(columns) or '(none found)'}")
     source = f"{path.stem}-{split}" if split else path.stem  # the id prefix when rows have no id
-    questions, reasons = [], Counter()
-    for index, where, row in rows:
-        try:
-            questions.append(_row_to_question(row, index, source, question_field, answer_field,
-                                              id_field, solution_field))
-        except BadRowError as exc:
-            if on_bad_row == "fail":
-                raise BadRowError(f"{path}, {where}: {exc} (set on_bad_row='skip' to skip such rows)") from None
-            reasons[str(exc)] += 1
-    skipped = warn_skipped(path, reasons, len(questions), "rows")
-    return LoadedQuestions(questions, skipped, dict(reasons))
+    parse = functools.partial(_row_to_question, source=source, question_field=question_field,
+                              answer_field=answer_field, id_field=id_field, solution_field=solution_field)
+    return LoadedQuestions.from_rows(path, rows, parse, on_bad_row)
 
 
-def warn_skipped(path, reasons: Counter, kept: int, what: str) -> int:
-    """Log how many bad rows (or lines) of a file were skipped and why; returns that count."""
-    skipped = sum(reasons.values())
-    if skipped:
-        summary = "; ".join(f"{n} x {reason}" for reason, n in reasons.most_common())
-        logger.warning("%s: skipped %d bad %s of %d (%s)", path, skipped, what, skipped + kept, summary)
-    return skipped
-
-
-def _row_to_question(row: Any, index: int, source: str, question_field: str, answer_field: str,
+def _row_to_question(index: int, row: Any, source: str, question_field: str, answer_field: str,
                      id_field: str | None, solution_field: str | None) -> Question:
-    if isinstance(row, BadRowError):
-        raise row
     if not isinstance(row, dict):
         raise BadRowError(f"row is {type(row).__name__}, expected a JSON object")
     prompt = _text(row, question_field)
@@ -282,47 +256,20 @@ def _row_to_question(row: Any, index: int, source: str, question_field: str, ans
 
 
 def _text(row: dict[str, Any], name: str) -> str:
-    # Numbers are fine as answers (JSON 42 -> "42"); lists and objects are not one answer.
-    value = row.get(name)
-    if value is None:
-        raise BadRowError(f"field {name!r} is missing")
-    if isinstance(value, (dict, list)):
-        raise BadRowError(f"field {name!r} is a {type(value).__name__}, expected text or a number")
-    text = str(value).strip()
+    text = field_text(row, name).strip()
     if not text:
         raise BadRowError(f"field {name!r} is empty")
     return text
 
 
-_Rows = Iterator[tuple[int, str, Any]]  # (row index, where to find it for a person, row)
-
-
-def _open_rows(path: Path, split: str | None) -> tuple[list[str], _Rows]:
+def _open_rows(path: Path, split: str | None) -> tuple[list[str], Rows]:
     """The column names and the rows of any supported source."""
     if split is not None and path.is_file():
         raise ValueError(f"split={split!r} given, but {path} is a single file with no splits; drop split")
     if path.is_file() and path.suffix == ".jsonl":
-        return _jsonl_rows(path)
+        rows = jsonl_rows(path)
+        return list(dict.fromkeys(key for _, row in rows if isinstance(row, dict) for key in row)), rows
     return _datasets_rows(_load_with_datasets(path, split))
-
-
-def _jsonl_rows(path: Path) -> tuple[list[str], _Rows]:
-    # Read by hand rather than through `datasets`: errors can then name the line, and a row
-    # with a missing key is a bad row rather than a schema error for the whole file.
-    records: list[tuple[int, str, Any]] = []
-    columns: dict[str, None] = {}
-    with path.open(encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                row = BadRowError(f"the line is not valid JSON ({exc.msg})")
-            if isinstance(row, dict):
-                columns.update(dict.fromkeys(row))
-            records.append((len(records), f"line {line_no}", row))
-    return list(columns), iter(records)
 
 
 def _load_with_datasets(path: Path, split: str | None) -> Any:
@@ -354,5 +301,5 @@ def _pick_split(loaded: Any, split: str | None, path: Path) -> Any:
     return loaded[split]
 
 
-def _datasets_rows(ds: Any) -> tuple[list[str], _Rows]:
-    return list(ds.column_names), ((i, f"row {i}", row) for i, row in enumerate(ds))
+def _datasets_rows(ds: Any) -> tuple[list[str], Rows]:
+    return list(ds.column_names), ((f"row {i}", row) for i, row in enumerate(ds))

@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import os
 import sys
+import tempfile
 import time
 from pathlib import Path
+
+from rich.file_proxy import FileProxy
 
 from innerloop.distributed.config import ConfigError
 
@@ -35,7 +40,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="innerloop", description=__doc__)
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    verbose = "debug logging; Ray's, vLLM's and DeepSpeed's output on the terminal, not in a log file"
+    parser.add_argument("-v", "--verbose", action="store_true", help=verbose)
     commands = parser.add_subparsers(dest="command", required=True)
 
     train = commands.add_parser("train", help="run GRPO training (no CONFIG: the embedded CPU demo)")
@@ -89,6 +95,8 @@ def _parser() -> argparse.ArgumentParser:
     prepare = commands.add_parser("prepare-model", help="convert and cache the default demo model")
     prepare.add_argument("--force", action="store_true", help="rebuild the cached folder")
     prepare.set_defaults(handler=_prepare)
+    for command in commands.choices.values():  # `innerloop train -v` as well as `innerloop -v train`
+        command.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=verbose)
     return parser
 
 
@@ -102,6 +110,60 @@ def _setup_logging(verbose: bool) -> None:
 
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s",
                         datefmt="[%X]", handlers=[RichHandler(show_path=False, rich_tracebacks=True)])
+
+
+class _ToLog(FileProxy):
+    """sys.stdout or sys.stderr under `_quiet`: writes land in the log, while rich consoles (innerloop's
+    log lines, the progress bar) write to `rich_proxied_file`, the terminal. A FileProxy, so rich's live
+    display keeps it in place instead of wrapping it."""
+
+    def __init__(self, log_file, terminal):
+        super().__init__(None, log_file)  # no console: write() is ours; fileno(), isatty() & co: the log's
+        self._log, self.terminal = log_file, terminal
+
+    rich_proxied_file = property(lambda self: self.terminal)
+
+    def write(self, text: str) -> int:
+        return self._log.write(text)
+
+    def flush(self) -> None:
+        self._log.flush()
+
+
+@contextlib.contextmanager
+def _quiet(verbose: bool, log_path: Path | None = None):
+    """While a command runs, all output but innerloop's own (Ray's and the lines it forwards from actors,
+    vLLM, DeepSpeed, transformers, warnings, C++ and child processes) goes to `log_path`, a temp file
+    by default. --verbose: everything on the terminal."""
+    if verbose:
+        yield
+        return
+    log_path = log_path or Path(tempfile.mkdtemp(prefix="innerloop-")) / "output.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    log.info("third-party output goes to %s (--verbose shows it here)", log_path)
+    log_file = open(log_path, "a", buffering=1, encoding="utf-8", errors="replace")
+    os.environ.setdefault("RAY_COLOR_PREFIX", "0")  # Ray's forwarded lines without colour codes
+    saved, root, to_log = (sys.stdout, sys.stderr), logging.getLogger(), logging.StreamHandler(log_file)
+    terminals = [open(os.dup(fd), "w", buffering=1, encoding=s.encoding or "utf-8") for fd, s in zip((1, 2), saved)]
+    for fd, stream in zip((1, 2), saved):
+        stream.flush()
+        os.dup2(log_file.fileno(), fd)  # C++ writes and child processes too
+    sys.stdout, sys.stderr = (_ToLog(log_file, terminal) for terminal in terminals)
+    to_log.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    shown, ours = list(root.handlers), lambda record: record.name.partition(".")[0] == "innerloop"
+    for handler in shown:
+        handler.addFilter(ours)
+    root.addHandler(to_log)
+    try:
+        yield
+    finally:  # the log stays open: a handler made meanwhile (vLLM's, in eval) may still write to it
+        root.removeHandler(to_log)
+        for handler in shown:
+            handler.removeFilter(ours)
+        sys.stdout, sys.stderr = saved
+        for fd, terminal in zip((1, 2), terminals):
+            os.dup2(terminal.fileno(), fd)
+            terminal.close()
 
 
 def _train(args) -> int:
@@ -120,7 +182,8 @@ def _train(args) -> int:
         config = run_dir / "config.yaml"  # the run's own resolved config: no need to repeat overrides
     cfg = load_config(config, args.overrides)
     log.info("run directory: %s", run_dir.resolve())
-    result = Trainer(cfg, run_dir, address=args.address, resume=resume).train()
+    with _quiet(args.verbose, run_dir / "output.log"):
+        result = Trainer(cfg, run_dir, address=args.address, resume=resume).train()
     _print_summary(result, run_dir)
     return 0
 
@@ -163,7 +226,8 @@ def _eval(args) -> int:
     json_file = Path(args.json) if args.json else None
     if json_file is not None and not json_file.parent.is_dir():  # say so before the engine starts
         raise ConfigError(f"--json {json_file}: the folder {json_file.parent} does not exist")
-    report = evaluate_model(cfg, args.model)
+    with _quiet(args.verbose):
+        report = evaluate_model(cfg, args.model)
     print(format_report(report, args.model))
     if json_file is not None:
         json_file.write_text(json.dumps({"model": args.model, **report.to_dict()}, indent=2) + "\n")
@@ -279,7 +343,8 @@ def _probe(args) -> int:
     chosen = {k: getattr(cfg.probe, k) if v is None else v for k, v in given.items()}
     options = ProbeOptions(Path(args.out), label, chosen["questions"], chosen["samples"], chosen["suffix"],
                            chosen["every"], words, args.dtype)
-    run = run_probe(cfg, args.model, options)
+    with _quiet(args.verbose):
+        run = run_probe(cfg, args.model, options)
     print(format_groups(run.groups))
     print(format_cost(run.cost, run.seconds, len(run.records)))
     print(f"curves written to {Path(args.out) / 'probe.jsonl'}; plot {run.plot}")

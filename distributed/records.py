@@ -9,7 +9,7 @@ Sequences are tuples so a record cannot be mutated after it is built.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, fields, replace
 
 
 @dataclass(frozen=True)
@@ -72,19 +72,73 @@ class TrainingSample:
     update: bool = True  # False: excluded from the policy-gradient term (update subsets)
     staleness: int = 0  # policy versions between the sampler's weights and the learner's (asynchronous)
 
+    @classmethod
+    def of_completion(cls, prompt_ids: tuple[int, ...], completion_ids: tuple[int, ...], advantage: float,
+                      completion_logprobs: tuple[float, ...] | None = None, update: bool = True,
+                      staleness: int = 0) -> "TrainingSample":
+        """Loss on the completion only; the sampler's log-probs 0 on the prompt (everywhere without any)."""
+        logprobs = (0.0,) * len(completion_ids) if completion_logprobs is None else completion_logprobs
+        return cls(prompt_ids + completion_ids, (0,) * len(prompt_ids) + (1,) * len(completion_ids),
+                   (0.0,) * len(prompt_ids) + logprobs, advantage, update, staleness)
+
+
+@dataclass(frozen=True)
+class PolicySums:
+    """A GRPO update's additive metrics (learners/grpo.py's), summed over micro-batches and then ranks."""
+
+    loss: float  # the loss optimized: each micro-batch's is already divided by a whole-batch normalizer
+    policy_loss: float  # the clipped surrogate term
+    kl: float  # to the reference policy; 0 without one
+    entropy: float
+    clipped_tokens: float  # policy tokens where the clip was active
+    policy_tokens: float  # loss tokens of the update subset's samples
+    tokens: float  # loss tokens trained on
+    is_weight_sum: float  # truncated importance weights, over the policy tokens
+    sampler_gap_sum: float  # |learner - sampler| log-prob, over the loss tokens
+
+    def record(self) -> dict[str, float]:
+        """The logged names: the sums, with means in place of the two weighted sums, and clip_fraction."""
+        out, policy_tokens = asdict(self), max(self.policy_tokens, 1.0)
+        out.update(clip_fraction=self.clipped_tokens / policy_tokens,
+                   is_weight_mean=out.pop("is_weight_sum") / policy_tokens,
+                   sampler_logprob_gap=out.pop("sampler_gap_sum") / max(self.tokens, 1.0))
+        return out
+
+
+@dataclass(frozen=True)
+class NllSums:
+    """An SFT update's additive metrics, summed over micro-batches and then ranks."""
+
+    loss: float
+    nll: float  # the negative log-likelihood of the trajectory tokens: the loss
+    tokens: float  # loss tokens trained on
+
+    def record(self) -> dict[str, float]:
+        return asdict(self)
+
 
 @dataclass(frozen=True)
 class UpdateMetrics:
-    """What one learner update reports back to the driver (already reduced across ranks)."""
+    """What one learner update reports: a rank's own, or every rank's as one (`over_ranks`).
 
-    loss: float
-    policy_loss: float
-    kl: float
-    entropy: float
-    clip_fraction: float
+    `sums` add up over ranks; the other fields are the same on every rank.
+    """
+
+    sums: PolicySums | NllSums
     grad_norm: float
-    learning_rate: float
-    tokens: int  # loss tokens trained on, all ranks
-    seconds: float
-    skipped: bool = False  # True when the step was skipped because the loss was not finite
-    extra: dict[str, float] = field(default_factory=dict)
+    learning_rate: float  # the rate the step used
+    update_seconds: float
+    skipped: bool  # the step changed no weight: its loss or gradient was not finite
+    reference_seconds: float | None = None  # GRPO: the reference model's part of update_seconds
+
+    @staticmethod
+    def over_ranks(per_rank: list["UpdateMetrics"]) -> "UpdateMetrics":
+        """The ranks' records as one: sums added up, the shared fields rank 0's."""
+        first = per_rank[0]
+        sums = {f.name: sum(getattr(r.sums, f.name) for r in per_rank) for f in fields(first.sums)}
+        return replace(first, sums=type(first.sums)(**sums))
+
+    def record(self) -> dict[str, float]:
+        """The logged names (metrics.jsonl); reference_seconds only where there is one (GRPO)."""
+        shared = {k: v for k, v in asdict(self).items() if k not in ("sums", "skipped") and v is not None}
+        return {**self.sums.record(), **shared, "step_skipped": float(self.skipped)}

@@ -1,8 +1,9 @@
 """The DeepSpeed learner: one data-parallel rank of the policy update.
 
 This is DeepSpeed's one home in innerloop. The learner is advantage-blind: it receives training
-samples with one number per sample and a global loss normalizer, and returns summed metrics that
-the driver adds up over ranks. A plain class; `innerloop.distributed.cluster.placement` makes it a Ray actor.
+samples with one number per sample and a global loss normalizer, and returns its metric sums
+(`records.UpdateMetrics`) that the driver adds up over ranks. A plain class;
+`innerloop.distributed.cluster.placement` makes it a Ray actor.
 """
 
 from __future__ import annotations
@@ -13,13 +14,14 @@ import os
 import random
 import shutil
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
 import torch
 
 from innerloop.distributed.config import AlgorithmConfig, LearnerConfig
-from innerloop.distributed.records import TrainingSample
+from innerloop.distributed.records import NllSums, PolicySums, TrainingSample, UpdateMetrics
 from innerloop.distributed.stacks import StackLocation, install_stack_dump
 from innerloop.learners import grpo
 from innerloop.learners.batching import MicroBatch, collate, micro_batches, shard_for_rank
@@ -49,14 +51,11 @@ class Learner:
     def _init_process_group(self, master_addr: str, master_port: int) -> None:
         import deepspeed
 
+        # Ray gives each GPU actor its own CUDA_VISIBLE_DEVICES, so the local device is always 0.
         os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(self.rank),
-                          WORLD_SIZE=str(self.world_size), LOCAL_RANK=str(self._local_rank()))
+                          WORLD_SIZE=str(self.world_size), LOCAL_RANK="0")
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
-
-    def _local_rank(self) -> int:
-        # Ray gives each GPU actor its own CUDA_VISIBLE_DEVICES, so the local device is always 0.
-        return 0
 
     def _load_model(self, model_path: str):
         from transformers import AutoModelForCausalLM
@@ -106,37 +105,34 @@ class Learner:
         """(Ray node id, pid): where the driver sends a stack-dump signal if a phase stalls."""
         return self._location
 
-    def ready(self) -> int:
-        return self.rank
-
     # ---- the update -------------------------------------------------------------------------
 
-    def update(self, samples: list[TrainingSample], normalizers: grpo.LossNormalizers) -> dict[str, float]:
+    def update(self, samples: list[TrainingSample], normalizers: grpo.LossNormalizers) -> UpdateMetrics:
         """One optimizer step on this rank's share of `samples` (the whole step's batch).
 
         `normalizers` are counts over the whole batch, so the losses of all ranks and micro-batches
-        sum to the full-batch loss. Returns additive metric sums (the driver adds ranks together).
+        sum to the full-batch loss. Returns this rank's metric sums (the driver adds ranks together).
         """
         self._reference_seconds = 0.0
-        sums = self._optimizer_step(samples, lambda batch: self._micro_batch_loss(batch, normalizers))
-        sums["reference_seconds"] = self._reference_seconds  # inside update_seconds; 0 without KL
-        return sums
+        metrics = self._optimizer_step(samples, lambda batch: self._micro_batch_loss(batch, normalizers), PolicySums)
+        return replace(metrics, reference_seconds=self._reference_seconds)  # inside update_seconds; 0 without KL
 
-    def sft_update(self, samples: list[TrainingSample], normalizer: float) -> dict[str, float]:
+    def sft_update(self, samples: list[TrainingSample], normalizer: float) -> UpdateMetrics:
         """One optimizer step of supervised fine-tuning: the negative log-likelihood of the samples'
         loss-mask tokens (the trajectory to imitate), under the policy GRPO trains (logits / the
         sampler's temperature), aggregated by `algorithm.aggregation`.
 
-        `normalizer`: `samples.sft_normalizer(whole batch, algorithm.aggregation)`. Returns additive
-        metric sums like `update` ("loss", "nll", "tokens", grad_norm, learning_rate, ...).
+        `normalizer`: `samples.sft_normalizer(whole batch, algorithm.aggregation)`. Returns this rank's
+        metric sums like `update` (loss, nll, tokens).
         """
-        return self._optimizer_step(samples, lambda batch: self._micro_batch_nll(batch, normalizer))
+        return self._optimizer_step(samples, lambda batch: self._micro_batch_nll(batch, normalizer), NllSums)
 
     def _optimizer_step(self, samples: list[TrainingSample],
                         micro_batch_loss: Callable[[MicroBatch], tuple[torch.Tensor, dict[str, torch.Tensor]]],
-                        ) -> dict[str, float]:
+                        sums_type: type[PolicySums | NllSums]) -> UpdateMetrics:
         """Forward and backward every micro-batch of this rank's share, then one optimizer step.
-        `micro_batch_loss` returns a loss already divided by a whole-batch normalizer, and additive metrics."""
+        `micro_batch_loss` returns a loss already divided by a whole-batch normalizer, and additive
+        metrics: their sums over the micro-batches become a `sums_type`."""
         started = time.perf_counter()
         mine = micro_batches(shard_for_rank(samples, self.rank, self.world_size), self._cfg.micro_batch_size)
         self.engine.set_train_batch_size(len(mine) * self._cfg.micro_batch_size * self.world_size)
@@ -159,7 +155,7 @@ class Learner:
             self.engine.backward(loss * undo_averaging)
             self.engine.step()
             pieces.append(metrics)
-        sums = {k: float(v) for k, v in grpo.sum_metrics(pieces).items()}
+        sums = sums_type(**{k: float(v) for k, v in grpo.sum_metrics(pieces).items()})
         grad_norm = float(self.engine.get_global_grad_norm() or 0.0)
         applied = self.engine.was_step_applied()
         if applied and not (finite and math.isfinite(grad_norm)):
@@ -167,22 +163,14 @@ class Learner:
                 f"learner rank {self.rank}: a non-finite loss or gradient reached the weights (ZeRO stage "
                 f"{self._cfg.zero_stage} has no overflow check here); use learner.zero_stage=1 or 2, "
                 "which skip such steps, and resume from the last checkpoint")
-        sums["step_skipped"] = 0.0 if applied else 1.0
-        sums["grad_norm"] = grad_norm
-        sums["learning_rate"] = learning_rate
-        sums["update_seconds"] = time.perf_counter() - started
-        return sums
+        return UpdateMetrics(sums, grad_norm, learning_rate, time.perf_counter() - started, skipped=not applied)
 
     def _micro_batch_nll(self, batch: MicroBatch, normalizer: float):
-        start = _first_predicting_position(batch.loss_mask)
-        logits = self._tail_logits(self.engine, batch, start)
-        logprobs = _left_pad(token_logprobs(logits, batch.input_ids[:, start:], temperature=self._temperature), start)
+        _, logprobs, _ = _tail_logprobs(self.engine, batch, self._temperature)
         return grpo.sft_nll_loss(logprobs, batch.loss_mask, normalizer, self._algo.aggregation)
 
     def _micro_batch_loss(self, batch, normalizers: grpo.LossNormalizers):
-        start = _first_predicting_position(batch.loss_mask)
-        logits = self._tail_logits(self.engine, batch, start)
-        logprobs = _left_pad(token_logprobs(logits, batch.input_ids[:, start:], temperature=self._temperature), start)
+        logits, logprobs, start = _tail_logprobs(self.engine, batch, self._temperature)
         algo = self._algo
         # Entropy as a metric needs no graph (that would double the logits' memory); as a loss term it does.
         with torch.set_grad_enabled(algo.entropy_coef != 0.0):
@@ -212,18 +200,9 @@ class Learner:
         metrics["sampler_gap_sum"] = (logprobs.detach() - batch.sampler_logprobs).abs()[mask].sum().double()
         return loss, metrics
 
-    @staticmethod
-    def _tail_logits(model, batch, start: int) -> torch.Tensor:
-        """Logits from position `start` on only: the LM head, the largest matmul of a small model,
-        and the log-softmax passes skip the prompt positions no loss is taken at."""
-        keep = batch.input_ids.shape[1] - start
-        return model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, logits_to_keep=keep).logits
-
     @torch.no_grad()
     def _reference_logprobs(self, batch) -> torch.Tensor:
-        start = _first_predicting_position(batch.loss_mask)
-        logits = self._tail_logits(self._reference, batch, start)
-        return _left_pad(token_logprobs(logits, batch.input_ids[:, start:], temperature=self._temperature), start)
+        return _tail_logprobs(self._reference, batch, self._temperature)[1]
 
     @torch.no_grad()
     def probe(self, trajectories: list, questions: list, suffix_template: str, every: int) -> list | None:
@@ -338,6 +317,16 @@ def _first_predicting_position(loss_mask: torch.Tensor) -> int:
 def _left_pad(values: torch.Tensor, start: int) -> torch.Tensor:
     """[B, T - start] per-position values back to [B, T], zero before `start` (prompt positions)."""
     return torch.nn.functional.pad(values, (start, 0))
+
+
+def _tail_logprobs(model, batch: MicroBatch, temperature: float) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """`model`'s logits from the first predicting position `start` on only, [B, T - start, V] (the LM
+    head, the largest matmul of a small model, and the log-softmax passes skip the prompt positions no
+    loss is taken at); the log-probs of logits / temperature, left-padded to [B, T]; and `start`."""
+    start = _first_predicting_position(batch.loss_mask)
+    keep = batch.input_ids.shape[1] - start
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, logits_to_keep=keep).logits
+    return logits, _left_pad(token_logprobs(logits, batch.input_ids[:, start:], temperature=temperature), start), start
 
 
 def _convert_to_universal(source: Path, target: Path) -> None:

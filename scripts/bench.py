@@ -93,10 +93,9 @@ def _demo_setup(args, extra: list[str] = ()):
 
 
 def _rollout_worker(cfg, model: str):
-    from innerloop.actors.rollout import RolloutWorker
+    from innerloop.actors.rollout import RolloutWorker, worker_args
 
-    return RolloutWorker(model, cfg.model.dtype, cfg.rollout, cfg.reward, cfg.tasks.system_prompt,
-                         cfg.tasks.prompt_template, cfg.train.seed)
+    return RolloutWorker(*worker_args(cfg, model, cfg.train.seed))
 
 
 # ---------------------------------------------------------------- rollout: vLLM worker vs HF generate
@@ -160,13 +159,14 @@ def _workload(args) -> str:
 
 def bench_learner(args) -> dict:
     from innerloop.distributed.cluster.placement import free_port
-    from innerloop.distributed.run.samples import build_samples, group_by_question, loss_normalizers
+    from innerloop.distributed.run.samples import build_samples, group_advantages, group_by_question, loss_normalizers
     from innerloop.learners.learner import Learner
 
     cfg, model_path, questions = _demo_setup(args)
     worker = _rollout_worker(cfg, model_path)
     rollout = worker.generate(questions, args.group_size, seed=0)
-    samples = build_samples(group_by_question(list(rollout.trajectories)), cfg.algorithm)
+    groups = group_by_question(list(rollout.trajectories))
+    samples = build_samples(groups, group_advantages(groups, cfg.algorithm), cfg.algorithm)
     worker.close()
     normalizers = loss_normalizers(samples, cfg.algorithm)
     tokens = sum(len(s.input_ids) for s in samples)
@@ -175,7 +175,7 @@ def bench_learner(args) -> dict:
     bare = BareLoop(model_path, cfg, _device(args))
     runs = []
     for rep in range(args.reps):
-        ours_s = ours.update(samples, normalizers)["update_seconds"]
+        ours_s = ours.update(samples, normalizers).update_seconds
         bare_s = bare.update(samples)
         runs.append({"ours_tokens_per_s": tokens / ours_s, "bare_tokens_per_s": tokens / bare_s,
                      "ours_s": ours_s, "bare_s": bare_s})

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from innerloop.distributed.records import NllSums, PolicySums, UpdateMetrics
+
 
 def length_reward(completion: str, question) -> float:
     """A reward a random tiny model can earn: more digits, more reward. It gives groups variance,
@@ -10,7 +12,8 @@ def length_reward(completion: str, question) -> float:
 
 
 class FakeFleet:
-    """Stands in for `Fleet` so the driver's recovery logic runs in milliseconds, without Ray.
+    """Stands in for `Fleet`, and for its rollout pool (`rollouts` is the fake itself), so the driver's
+    recovery logic runs in milliseconds, without Ray.
 
     `lose_learner_at` / `nonfinite_at`: the update calls (1-based, counted over the fleet's life)
     at which a learner rank "dies" or the loss comes back NaN. Its "weights" are the number of
@@ -29,8 +32,9 @@ class FakeFleet:
         self.probed: list[int] = []  # trajectories per probe call
         self.staleness: list[list[int]] = []  # per update: the staleness values its samples carried
         self.seeds: list[int | None] = []
-        self.last_rollout_seconds = {"engine": 0.0, "score": 0.0}
+        self.score_seconds = 0.0
         self.workers = ["worker-0"]
+        self.rollouts = self
         self.on_update = None  # called after each update: a test's hook into the middle of a run
 
     def generate(self, questions, samples_per_question, sampling=None, seed=None):
@@ -59,15 +63,17 @@ class FakeFleet:
             self.on_update(self.update_calls)
         skipped = self.update_calls in self.nonfinite_at
         self.applied += 0 if skipped else 1
-        return {"loss": float("nan") if skipped else 0.5, "step_skipped": float(skipped), "grad_norm": 1.0,
-                "applied_updates": float(self.applied)}
+        loss = float("nan") if skipped else 0.5
+        sums = PolicySums(loss, loss, 0.0, 0.0, 0.0, 4.0, 4.0, 4.0, 0.0)
+        return UpdateMetrics(sums, grad_norm=1.0, learning_rate=1e-5, update_seconds=0.0, skipped=skipped,
+                             reference_seconds=0.0)
 
     def sft_update(self, samples, normalizer):
         self.update_calls += 1
         self.sft_batches.append(len(samples))
         self.applied += 1
-        return {"loss": 1.0, "nll": 1.0, "tokens": float(normalizer), "step_skipped": 0.0, "grad_norm": 1.0,
-                "applied_updates": float(self.applied)}
+        return UpdateMetrics(NllSums(1.0, 1.0, float(normalizer)), grad_norm=1.0, learning_rate=1e-5,
+                             update_seconds=0.0, skipped=False)
 
     def probe(self, trajectories, questions, suffix_template, every):
         """Falling curves for correct trajectories, flat ones otherwise (what the paper reports)."""
@@ -103,7 +109,7 @@ class FakeFleet:
         self.restarts += 1
         self.applied = 0
 
-    def resize_workers(self, count):
+    def resize(self, count):
         self.workers = [f"worker-{i}" for i in range(count)]
 
     def check_loads(self, phase="sync"):

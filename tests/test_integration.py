@@ -79,7 +79,7 @@ class Stack:
 
     @property
     def worker(self):
-        return self.fleet.workers[0]
+        return self.fleet.rollouts.workers[0]
 
     def engine_logprobs(self) -> torch.Tensor:
         import ray
@@ -141,7 +141,7 @@ class GenerateCall:
 def recording_generate(fleet):
     """Every generation the driver collects (training and eval), with what it returned."""
     calls: list[GenerateCall] = []
-    real = fleet.collect
+    real = fleet.rollouts.collect
 
     def spy(call):
         fresh = call.trajectories is None  # a generation drained early is collected twice; count it once
@@ -150,11 +150,11 @@ def recording_generate(fleet):
             calls.append(GenerateCall(len(call.questions), call.samples_per_question, call.sampling is not None, out))
         return out
 
-    fleet.collect = spy  # generate() is submit() then collect(): both the driver's paths pass here
+    fleet.rollouts.collect = spy  # generate() is submit() then collect(): both the driver's paths pass here
     try:
         yield calls
     finally:
-        del fleet.collect
+        del fleet.rollouts.collect
 
 
 @dataclass
@@ -416,14 +416,15 @@ def test_two_zero2_learner_ranks_hold_identical_weights_matching_one_rank(stack)
 
     from innerloop.distributed.cluster.fleet import Fleet
     from innerloop.distributed.run.questions import load_questions
-    from innerloop.distributed.run.samples import build_samples, group_by_question, loss_normalizers
+    from innerloop.distributed.run.samples import build_samples, group_advantages, group_by_question, loss_normalizers
 
     pair_cfg = load_config(None, [*_overrides(stack.model), "learner.ranks=2", "learner.zero_stage=2"])
     single_cfg = load_config(None, [*_overrides(stack.model), "learner.ranks=1", "learner.zero_stage=2"])
     # One real step's batch, rolled out by the shared engine.
     questions = load_questions(pair_cfg.tasks)[0][: pair_cfg.rollout.questions_per_step]
-    trajectories = stack.fleet.generate(questions, pair_cfg.rollout.group_size)
-    samples = build_samples(group_by_question(trajectories), pair_cfg.algorithm)
+    trajectories = stack.fleet.rollouts.generate(questions, pair_cfg.rollout.group_size)
+    groups = group_by_question(trajectories)
+    samples = build_samples(groups, group_advantages(groups, pair_cfg.algorithm), pair_cfg.algorithm)
     normalizers = loss_normalizers(samples, pair_cfg.algorithm)
     assert any(s.advantage != 0.0 for s in samples), "no reward variance: the update would not move"
 
@@ -439,17 +440,17 @@ def test_two_zero2_learner_ranks_hold_identical_weights_matching_one_rank(stack)
 
         # Loss pieces are summed over ranks, and every rank steps with the whole batch's gradient:
         # the same loss and gradient norm as one rank (the norm is what a wrong scale would change).
-        assert pair_metrics["tokens"] == single_metrics["tokens"] == sum(len(t.completion_ids) for t in trajectories)
+        assert pair_metrics.sums.tokens == single_metrics.sums.tokens == sum(len(t.completion_ids) for t in trajectories)
         for key in ("loss", "grad_norm", "learning_rate"):
-            assert pair_metrics[key] == pytest.approx(single_metrics[key], rel=1e-5, abs=1e-7), key
-        assert single_metrics["grad_norm"] > 0.0
+            assert pair_metrics.record()[key] == pytest.approx(single_metrics.record()[key], rel=1e-5, abs=1e-7), key
+        assert single_metrics.grad_norm > 0.0
 
         rank0, rank1, alone = ray.get([l.__ray_call__.remote(module_weights)
                                        for l in pair.learners + single.learners])
         assert set(rank0) == set(rank1) == set(alone)
         # Adam's first step is about lr * sign(gradient); where a gradient is near Adam's eps, fp noise
         # from a different split moves it by a few percent of a step, so compare against the step size.
-        step_size = single_metrics["learning_rate"]
+        step_size = single_metrics.learning_rate
         for name in rank0:
             assert torch.equal(rank0[name], rank1[name]), f"the ranks disagree on {name}"
             gap = (rank0[name] - alone[name]).abs().max().item()
@@ -468,14 +469,14 @@ def test_a_checkpoint_resumes_on_a_different_number_of_learner_ranks(stack, tmp_
     and LR schedule carry over, so the next update matches the one the writer would have made."""
     from innerloop.distributed.cluster.fleet import Fleet
     from innerloop.distributed.run.questions import load_questions
-    from innerloop.distributed.run.samples import build_samples, group_by_question, loss_normalizers
+    from innerloop.distributed.run.samples import build_samples, group_advantages, group_by_question, loss_normalizers
 
     def cfg(ranks):
         return load_config(None, [*_overrides(stack.model), f"learner.ranks={ranks}", "learner.zero_stage=2"])
 
     questions = load_questions(stack.cfg.tasks)[0][: stack.cfg.rollout.questions_per_step]
-    samples = build_samples(group_by_question(stack.fleet.generate(questions, stack.cfg.rollout.group_size)),
-                            stack.cfg.algorithm)
+    groups = group_by_question(stack.fleet.rollouts.generate(questions, stack.cfg.rollout.group_size))
+    samples = build_samples(groups, group_advantages(groups, stack.cfg.algorithm), stack.cfg.algorithm)
     normalizers = loss_normalizers(samples, stack.cfg.algorithm)
 
     def handoff(writer, ranks_then, reader_cfg, folder):
@@ -487,7 +488,7 @@ def test_a_checkpoint_resumes_on_a_different_number_of_learner_ranks(stack, tmp_
         reader.load_learners(folder, "state", saved_ranks=ranks_then)
         got = reader.update(samples, normalizers)
         for key in ("grad_norm", "learning_rate"):
-            assert got[key] == pytest.approx(expected[key], rel=1e-4), key
+            assert getattr(got, key) == pytest.approx(getattr(expected, key), rel=1e-4), key
         # Adam's second step uses the restored moments: a lost optimizer state would move weights differently.
         torch.testing.assert_close(stack.learner_logprobs(reader.learners[0]),
                                    stack.learner_logprobs(writer.learners[0]), atol=1e-4, rtol=0)
@@ -521,19 +522,19 @@ def test_innerloop_scale_grows_the_rollout_pool_of_a_running_job(stack, tmp_path
         with recording_generate(stack.fleet) as calls:
             Trainer(cfg, run_dir).train(actors=stack.fleet)
         ask.join()
-        assert len(stack.fleet.workers) == 2
+        assert len(stack.fleet.rollouts.workers) == 2
         records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
         scaled = [r for r in records if r.get("event") == "rollout_workers_scaled"]
         assert [(r["from"], r["to"]) for r in scaled] == [(1, 2)] and scaled[0]["step"] in (1, 2)
         # Every question still gets G trajectories, and the new engine samples with the learner's weights.
         assert all(len(c.trajectories) == c.questions * c.samples_per_question for c in calls)
-        new = stack.fleet.workers[1]
+        new = stack.fleet.rollouts.workers[1]
         engine = torch.tensor(ray.get(new.sequence_logprobs.remote(stack.probe_ids), timeout=120), dtype=torch.float64)
         torch.testing.assert_close(engine, stack.learner_logprobs(), atol=LOGPROB_ATOL, rtol=0)
     finally:
-        stack.fleet.resize_workers(1)  # the shared fleet goes back to one engine
-        stack.fleet.drain_events()
-    assert len(stack.fleet.workers) == 1
+        stack.fleet.rollouts.resize(1)  # the shared fleet goes back to one engine
+        stack.fleet.rollouts.drain_events()
+    assert len(stack.fleet.rollouts.workers) == 1
 
 
 @pytest.mark.integration
@@ -662,18 +663,18 @@ def test_a_nonfinite_loss_skips_the_step_on_the_real_learner(stack):
     from dataclasses import replace
 
     from innerloop.distributed.run.questions import load_questions
-    from innerloop.distributed.run.samples import build_samples, group_by_question, loss_normalizers
+    from innerloop.distributed.run.samples import build_samples, group_advantages, group_by_question, loss_normalizers
 
     questions = load_questions(stack.cfg.tasks)[0][: stack.cfg.rollout.questions_per_step]
-    samples = build_samples(group_by_question(stack.fleet.generate(questions, stack.cfg.rollout.group_size)),
-                            stack.cfg.algorithm)
+    groups = group_by_question(stack.fleet.rollouts.generate(questions, stack.cfg.rollout.group_size))
+    samples = build_samples(groups, group_advantages(groups, stack.cfg.algorithm), stack.cfg.algorithm)
     poisoned = [replace(s, advantage=float("nan")) if i == 0 else s for i, s in enumerate(samples)]
     before = stack.learner_logprobs()
     metrics = stack.fleet.update(poisoned, loss_normalizers(poisoned, stack.cfg.algorithm))
-    assert metrics["step_skipped"] == 1.0
+    assert metrics.skipped is True
     assert torch.equal(stack.learner_logprobs(), before)  # DeepSpeed skipped it: no weight moved
     metrics = stack.fleet.update(samples, loss_normalizers(samples, stack.cfg.algorithm))
-    assert metrics["step_skipped"] == 0.0 and math.isfinite(metrics["loss"])
+    assert metrics.skipped is False and math.isfinite(metrics.sums.loss)
     assert not torch.equal(stack.learner_logprobs(), before)  # and the next good step applies
 
 
@@ -687,7 +688,7 @@ def test_a_rollout_worker_killed_mid_generation_is_replaced_and_its_questions_re
 
     fleet = stack.fleet
     fleet.sync_weights(7)  # the version a replacement must come back with
-    old = fleet.workers[0]
+    old = fleet.rollouts.workers[0]
     pid = ray.get(old.pid.remote())
     engine_processes = psutil.Process(pid).children(recursive=True)  # vLLM's engine core, the scorer
     assert engine_processes
@@ -695,11 +696,11 @@ def test_a_rollout_worker_killed_mid_generation_is_replaced_and_its_questions_re
     long = SamplingConfig(temperature=1.0, max_tokens=400)  # long enough to be killed in the middle
     started = time.monotonic()
     _kill_pid_when(lambda: time.monotonic() - started > 1.5, pid)
-    trajectories = fleet.generate(questions, 4, sampling=long)
+    trajectories = fleet.rollouts.generate(questions, 4, sampling=long)
 
     assert [t.question_id for t in trajectories] == [q.question_id for q in questions for _ in range(4)]
-    assert fleet.workers[0] is not old
-    events = fleet.drain_events()
+    assert fleet.rollouts.workers[0] is not old
+    events = fleet.rollouts.drain_events()
     assert [e["event"] for e in events] == ["rollout_worker_replaced"] and events[0]["policy_version"] == 7
     assert {t.policy_version for t in trajectories} == {7}
     _, alive = psutil.wait_procs(engine_processes, timeout=30)

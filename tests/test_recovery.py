@@ -118,7 +118,7 @@ def _as_overrides(cfg) -> list[str]:
 def test_cli_lists_checkpoints_marks_the_best_and_flags_a_damaged_one(tmp_path, capsys):
     from innerloop.distributed import cli
 
-    cfg = config("train.keep_checkpoints=5", "train.keep_best=1", "train.best_metric=applied_updates",
+    cfg = config("train.keep_checkpoints=5", "train.keep_best=1", "train.best_metric=policy_version",
                  "train.best_mode=min")
     Trainer(cfg, tmp_path / "run").train(FakeFleet(cfg))
     assert cli.main(["checkpoints", str(tmp_path / "run"), "--verify"]) == 0

@@ -14,9 +14,9 @@ import pytest
 
 from innerloop.distributed import cli
 
-from innerloop.distributed.lens import report
+from innerloop.distributed.lens import plotting, report
 from innerloop.distributed.records import Trajectory
-from innerloop.distributed.state.tracking import RunDir
+from innerloop.distributed.state.tracking import RunDir, read_jsonl
 
 PHASE_TIMES = [  # (generate, update, sync, other) seconds of steps 1-4; each step's time_step is their sum
     (6.0, 2.0, 1.0, 1.0), (5.0, 2.0, 1.0, 0.0), (7.0, 3.0, 1.0, 1.0), (6.0, 2.0, 2.0, 2.0)]
@@ -106,9 +106,18 @@ def test_series_skips_missing_and_non_finite_values():
 
 def test_a_probe_curve_is_resampled_on_fractions_of_its_trajectory():
     grid = [0.0, 0.25, 0.5, 1.0]
-    assert report.on_fraction_grid([3.0, 2.0, 1.0], [0, 50, 100], grid) == [3.0, 2.5, 2.0, 1.0]
-    assert report.on_fraction_grid([3.0, 1.0], [0, 10, 20], grid) is None  # lengths differ
-    assert report.on_fraction_grid([3.0], [0], grid) is None                # nothing probed past the start
+    assert plotting.on_fraction_grid([3.0, 2.0, 1.0], [0, 50, 100], grid) == [3.0, 2.5, 2.0, 1.0]
+    assert plotting.on_fraction_grid([3.0, 1.0], [0, 10, 20], grid) is None  # lengths differ
+    assert plotting.on_fraction_grid([3.0], [0], grid) is None                # nothing probed past the start
+
+
+def test_a_line_cut_short_by_a_kill_is_not_a_record(tmp_path):
+    path = tmp_path / "probe" / "probe.jsonl"
+    path.parent.mkdir()
+    path.write_text('{"step": 1}\n[1, 2]\n{"step": 2}\n{"step": 3, "cur')
+    assert read_jsonl(path) == [{"step": 1}, {"step": 2}]
+    assert report.read_probe(tmp_path) == [{"step": 1}, {"step": 2}]
+    assert read_jsonl(tmp_path / "missing.jsonl") == []
 
 
 def test_mean_probe_curves_split_correct_from_incorrect():

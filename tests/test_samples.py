@@ -18,12 +18,17 @@ from innerloop.distributed.config_load import load_config
 from innerloop.distributed.run.progress import format_step
 from innerloop.distributed.run.questions import QuestionStream
 from innerloop.distributed.records import Question, TrainingSample, Trajectory
-from innerloop.distributed.run.samples import build_samples, group_by_question, loss_normalizers
+from innerloop.distributed.run.samples import build_samples, group_advantages, group_by_question, loss_normalizers
 from innerloop.distributed.state.tracking import RunDir
 from innerloop.learners.batching import collate, micro_batches, shard_for_rank
 
 STD = AlgorithmConfig(advantage_scale="std")
 NO_SCALE = AlgorithmConfig(advantage_scale="none")
+
+
+def samples_of(groups, algorithm, **kwargs):
+    """The driver's two phases: advantages within each group, then one training sample per trajectory."""
+    return build_samples(groups, group_advantages(groups, algorithm), algorithm, **kwargs)
 
 
 def trajectory(qid: str, reward: float, prompt=(1, 2, 3), completion=(4, 5), logprobs=None) -> Trajectory:
@@ -54,7 +59,7 @@ def test_advantages_for_hand_made_groups_std():
         [trajectory("b", r) for r in (1.0, 1.0, 1.0, 1.0)],  # no variance: exactly zero
         [trajectory("c", r) for r in (2.0, 0.0, 1.0, 1.0)],  # mean 1, sample std sqrt(2/3)
     ]
-    got = [s.advantage for s in build_samples(groups, STD)]
+    got = [s.advantage for s in samples_of(groups, STD)]
     s = math.sqrt(2 / 3)
     want = [1.5, -0.5, -0.5, -0.5, 0.0, 0.0, 0.0, 0.0, 1 / s, -1 / s, 0.0, 0.0]
     assert got == pytest.approx(want, abs=1e-5)
@@ -64,7 +69,7 @@ def test_advantages_for_hand_made_groups_std():
 def test_advantages_for_hand_made_groups_no_scale():
     groups = [[trajectory("a", r) for r in (1.0, 0.0, 0.0, 0.0)],
               [trajectory("b", r) for r in (-1.0, 0.5, 0.5, 0.0)]]
-    got = [s.advantage for s in build_samples(groups, NO_SCALE)]
+    got = [s.advantage for s in samples_of(groups, NO_SCALE)]
     assert got == pytest.approx([0.75, -0.25, -0.25, -0.25, -1.0, 0.5, 0.5, 0.0], abs=1e-6)
 
 
@@ -72,7 +77,7 @@ def test_each_advantage_follows_its_own_trajectory():
     # The best trajectory of each group gets the largest advantage, wherever it sits in the group.
     groups = [[trajectory("a", r, completion=(10 + i,)) for i, r in enumerate(rewards)]
               for rewards in [(0.0, 0.0, 1.0), (1.0, 0.0, 0.0), (0.0, 1.0, 0.0)]]
-    samples = build_samples(groups, STD)
+    samples = samples_of(groups, STD)
     for group, chunk in zip(groups, [samples[0:3], samples[3:6], samples[6:9]]):
         best = max(range(3), key=lambda i: group[i].reward)
         assert max(range(3), key=lambda i: chunk[i].advantage) == best
@@ -81,7 +86,7 @@ def test_each_advantage_follows_its_own_trajectory():
 
 def test_sample_masks_and_sampler_logprobs_line_up():
     t = trajectory("q", 1.0, prompt=(7, 8, 9, 10), completion=(11, 12, 13), logprobs=(-0.1, -0.2, -0.3))
-    [s, _] = build_samples([[t, trajectory("q", 0.0)]], STD)
+    [s, _] = samples_of([[t, trajectory("q", 0.0)]], STD)
     assert s.input_ids == (7, 8, 9, 10, 11, 12, 13)
     assert s.loss_mask == (0, 0, 0, 0, 1, 1, 1)
     assert s.sampler_logprobs == (0.0, 0.0, 0.0, 0.0, -0.1, -0.2, -0.3)
@@ -92,7 +97,7 @@ def test_sample_masks_and_sampler_logprobs_line_up():
 def test_unequal_group_sizes_raise():
     groups = [[trajectory("a", 1.0), trajectory("a", 0.0)], [trajectory("b", 1.0)]]
     with pytest.raises(ValueError, match=r"same number of trajectories.*\[1, 2\]"):
-        build_samples(groups, STD)
+        group_advantages(groups, STD)
 
 
 def test_group_by_question_keeps_first_seen_order():

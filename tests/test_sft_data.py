@@ -14,7 +14,7 @@ import torch
 from innerloop.actors.prompts import chat_prompt_ids
 from innerloop.actors.tasks import BadRowError, generate_questions
 from innerloop.distributed.config import AlgorithmConfig, LearnerConfig
-from innerloop.distributed.records import Question, TrainingSample, Trajectory
+from innerloop.distributed.records import PolicySums, Question, TrainingSample, Trajectory, UpdateMetrics
 from innerloop.distributed.run.samples import loss_normalizers, sft_normalizer
 from innerloop.distributed.run.sft_data import (
     SftTrajectory,
@@ -85,7 +85,7 @@ def test_bad_lines_are_skipped_and_counted(tmp_path: Path):
         "field 'completion' is missing": 1,
         "field 'answer' is missing": 1,
         "field 'answer' is empty": 1,
-        "field 'prompt' is a list, expected text": 1,
+        "field 'prompt' is a list, expected text or a number": 1,
     }
 
 
@@ -345,15 +345,16 @@ def test_sft_update_is_the_completion_nll_of_the_whole_batch(world_size: int, ag
 
     expected = completion_only_nll(reference, samples, aggregation)
     expected.backward()
-    summed = grpo.sum_metrics(metrics)
-    torch.testing.assert_close(summed["loss"], float(expected.detach()), rtol=1e-9, atol=0)
-    assert summed["nll"] == summed["loss"] and summed["tokens"] == sum(sum(s.loss_mask) for s in samples)
-    assert set(metrics[0]) == {"loss", "nll", "tokens", "grad_norm", "learning_rate", "update_seconds", "step_skipped"}
-    assert metrics[0]["step_skipped"] == 0.0 and metrics[0]["learning_rate"] == 1e-5
+    summed = UpdateMetrics.over_ranks(metrics).sums
+    torch.testing.assert_close(summed.loss, float(expected.detach()), rtol=1e-9, atol=0)
+    assert summed.nll == summed.loss and summed.tokens == sum(sum(s.loss_mask) for s in samples)
+    assert set(metrics[0].record()) == {"loss", "nll", "tokens", "grad_norm", "learning_rate", "update_seconds",
+                                        "step_skipped"}
+    assert metrics[0].skipped is False and metrics[0].learning_rate == 1e-5
     # The micro-batched, sharded gradient is the whole batch's, and only completion tokens carry loss.
     for (name, got), want in zip(model.named_parameters(), reference.parameters()):
         torch.testing.assert_close(got.grad, want.grad, rtol=1e-7, atol=1e-12, msg=name)
-    assert metrics[-1]["grad_norm"] > 0
+    assert metrics[-1].grad_norm > 0
 
 
 def test_update_through_the_shared_loop_is_still_the_whole_batch_grpo_loss():
@@ -361,10 +362,12 @@ def test_update_through_the_shared_loop_is_still_the_whole_batch_grpo_loss():
     normalizers = loss_normalizers(samples, algorithm)
     model, reference = tiny_llama(), tiny_llama()
     metrics = [learner.update(samples, normalizers) for learner in learner_ranks(model, 2, algorithm)]
-    assert set(metrics[0]) == {"loss", "policy_loss", "kl", "entropy", "clipped_tokens", "policy_tokens", "tokens",
-                               "is_weight_sum", "sampler_gap_sum", "step_skipped", "grad_norm", "learning_rate",
-                               "update_seconds", "reference_seconds"}
-    assert metrics[0]["reference_seconds"] == 0.0
+    assert isinstance(metrics[0].sums, PolicySums)  # loss, policy_loss, kl, entropy, token counts, weighted sums
+    assert set(metrics[0].record()) == {"loss", "policy_loss", "kl", "entropy", "clipped_tokens", "policy_tokens",
+                                        "tokens", "clip_fraction", "is_weight_mean", "sampler_logprob_gap",
+                                        "step_skipped", "grad_norm", "learning_rate", "update_seconds",
+                                        "reference_seconds"}
+    assert metrics[0].reference_seconds == 0.0
 
     batch = collate(samples, pad_id=0)  # the whole batch at once, one forward
     logits = reference(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
@@ -373,9 +376,9 @@ def test_update_through_the_shared_loop_is_still_the_whole_batch_grpo_loss():
         logprobs, logprobs.detach(), batch.advantages, batch.loss_mask, batch.update_mask, normalizers,
         clip_low=algorithm.clip_low, clip_high=algorithm.clip_high, aggregation=algorithm.aggregation)
     expected.backward()
-    summed = grpo.sum_metrics(metrics)
-    torch.testing.assert_close(summed["loss"], float(expected.detach()), rtol=1e-9, atol=0)
-    assert summed["tokens"] == float(expected_metrics["tokens"]) == float(batch.loss_mask.sum())
+    summed = UpdateMetrics.over_ranks(metrics).sums
+    torch.testing.assert_close(summed.loss, float(expected.detach()), rtol=1e-9, atol=0)
+    assert summed.tokens == float(expected_metrics["tokens"]) == float(batch.loss_mask.sum())
     for (name, got), want in zip(model.named_parameters(), reference.parameters()):
         torch.testing.assert_close(got.grad, want.grad, rtol=1e-7, atol=1e-12, msg=name)
 

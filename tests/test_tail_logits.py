@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from innerloop.learners.learner import Learner, _first_predicting_position, _left_pad
+from innerloop.learners.learner import _first_predicting_position, _left_pad, _tail_logprobs
 from innerloop.learners.logprobs import entropy_from_logits, token_logprobs
 
 
@@ -36,14 +36,13 @@ def test_first_predicting_position_is_the_shortest_prompts_last_token():
 
 def test_tail_logits_give_the_full_forwards_logprobs_and_entropy_where_loss_is_taken():
     model, batch = _tiny_llama(), _Batch([6, 4, 9], [5, 7, 2])
-    start = _first_predicting_position(batch.loss_mask)
     with torch.no_grad():
         full = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-        tail = Learner._tail_logits(model, batch, start)
+        tail, got, start = _tail_logprobs(model, batch, temperature=0.7)
+    assert start == _first_predicting_position(batch.loss_mask)
     assert tail.shape[1] == batch.input_ids.shape[1] - start < full.shape[1]
     mask = batch.loss_mask.bool()
     expected = token_logprobs(full, batch.input_ids, temperature=0.7)
-    got = _left_pad(token_logprobs(tail, batch.input_ids[:, start:], temperature=0.7), start)
     torch.testing.assert_close(got[mask], expected[mask], atol=1e-5, rtol=0)
     assert not got[:, : start + 1].any()  # nothing before the first predicted token
     expected_h = entropy_from_logits(full, temperature=0.7)

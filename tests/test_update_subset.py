@@ -12,7 +12,7 @@ from innerloop.distributed.config import AlgorithmConfig, ConfigError
 
 from innerloop.distributed.config_load import load_config
 from innerloop.distributed.records import TrainingSample, Trajectory
-from innerloop.distributed.run.samples import build_samples, loss_normalizers
+from innerloop.distributed.run.samples import build_samples, group_advantages, loss_normalizers
 from innerloop.learners import grpo
 from innerloop.learners.batching import collate
 from innerloop.learners.learner import Learner
@@ -20,6 +20,11 @@ from innerloop.learners.logprobs import entropy_from_logits, token_logprobs
 
 V = 11  # vocabulary of the tiny model
 CLIP = dict(clip_low=0.2, clip_high=0.28)
+
+
+def samples_of(groups, algorithm, **kwargs):
+    """The driver's two phases: advantages within each group, then one training sample per trajectory."""
+    return build_samples(groups, group_advantages(groups, algorithm), algorithm, **kwargs)
 
 
 class TinyLM(torch.nn.Module):
@@ -84,9 +89,9 @@ def loss_of(batch, logprobs, entropy, ref_logprobs, update_mask, normalizers):
 @pytest.mark.parametrize("aggregation", ["token", "sequence"])
 def test_m_equal_g_is_plain_grpo_exactly(aggregation, mask_by_update):
     groups = make_groups()
-    plain_samples = build_samples(groups, algorithm(None, aggregation=aggregation))
+    plain_samples = samples_of(groups, algorithm(None, aggregation=aggregation))
     subset_algo = algorithm(4, mask_by_update, aggregation)
-    subset_samples = build_samples(groups, subset_algo, seed=123)
+    subset_samples = samples_of(groups, subset_algo, seed=123)
     assert all(updates(subset_samples)) and subset_samples == plain_samples
 
     # Plain GRPO: no update mask at all, normalizers over every sample.
@@ -120,7 +125,7 @@ def test_m_equal_g_is_plain_grpo_exactly(aggregation, mask_by_update):
 def test_m_equal_one_gives_one_policy_gradient_per_question(aggregation, seed):
     num_questions, G = 4, 4
     groups = make_groups(num_questions, G)
-    samples = build_samples(groups, algorithm(1, aggregation=aggregation), seed=seed)
+    samples = samples_of(groups, algorithm(1, aggregation=aggregation), seed=seed)
     batch = collate(samples, pad_id=0)
     logprobs = token_logprobs(TinyLM()(batch.input_ids).logits, batch.input_ids).detach().requires_grad_()
 
@@ -144,10 +149,10 @@ def test_m_equal_one_gives_one_policy_gradient_per_question(aggregation, seed):
 
 def test_advantages_use_all_g_whatever_m():
     groups = make_groups(num_questions=5, G=4)
-    full = [s.advantage for s in build_samples(groups, algorithm(None))]
+    full = [s.advantage for s in samples_of(groups, algorithm(None))]
     assert any(a != 0 for a in full)
     for m in (1, 2, 3):
-        assert [s.advantage for s in build_samples(groups, algorithm(m), seed=m)] == full
+        assert [s.advantage for s in samples_of(groups, algorithm(m), seed=m)] == full
 
 
 # ---------------------------------------------------------------- the seeded mask
@@ -155,18 +160,18 @@ def test_advantages_use_all_g_whatever_m():
 
 def test_mask_is_reproducible_for_a_seed_and_differs_across_seeds():
     groups = make_groups(num_questions=8, G=4)
-    first = updates(build_samples(groups, algorithm(2), seed=5))
+    first = updates(samples_of(groups, algorithm(2), seed=5))
     torch.manual_seed(999)  # other draws from torch's global generator must not move the subset
     torch.rand(10)
-    assert updates(build_samples(groups, algorithm(2), seed=5)) == first
+    assert updates(samples_of(groups, algorithm(2), seed=5)) == first
     assert [sum(first[i : i + 4]) for i in range(0, 32, 4)] == [2] * 8
-    assert updates(build_samples(groups, algorithm(2), seed=6)) != first
+    assert updates(samples_of(groups, algorithm(2), seed=6)) != first
 
 
 def test_every_trajectory_can_be_picked():
     # Not simply the first m: over seeds, each position of a group gets the single update slot.
     groups = make_groups(num_questions=1, G=4)
-    picked = {updates(build_samples(groups, algorithm(1), seed=seed)).index(True) for seed in range(50)}
+    picked = {updates(samples_of(groups, algorithm(1), seed=seed)).index(True) for seed in range(50)}
     assert picked == {0, 1, 2, 3}
 
 
@@ -177,7 +182,7 @@ def test_every_trajectory_can_be_picked():
 def test_kl_and_entropy_switch(mask_by_update):
     groups = make_groups(num_questions=3, G=4)
     algo = algorithm(1, mask_by_update)
-    samples = build_samples(groups, algo, seed=4)
+    samples = samples_of(groups, algo, seed=4)
     normalizers = loss_normalizers(samples, algo)
     batch, logprobs, entropy, ref = forward(TinyLM(), samples)
     logprobs, entropy = logprobs.detach().requires_grad_(), entropy.detach().requires_grad_()
@@ -206,13 +211,13 @@ def test_kl_and_entropy_switch(mask_by_update):
 def test_learner_passes_the_switch_to_the_loss():
     # The learner's own micro-batch loss, on a stand-in for its engine: the switch must reach grpo_loss,
     # whose normalizers (counted under the switch) would otherwise be refused.
-    samples = build_samples(make_groups(num_questions=2, G=4), algorithm(1), seed=3)
+    samples = samples_of(make_groups(num_questions=2, G=4), algorithm(1), seed=3)
     batch = collate(samples, pad_id=0)
     results = {}
     for mask_by_update in (False, True):
         algo = AlgorithmConfig(update_subset=1, mask_kl_and_entropy_by_update=mask_by_update, entropy_coef=0.01)
         learner = SimpleNamespace(engine=TinyLM(), _temperature=1.0, _algo=algo, _reference=None,
-                                  _reference_seconds=0.0, _tail_logits=Learner._tail_logits)
+                                  _reference_seconds=0.0)
         loss, metrics = Learner._micro_batch_loss(learner, batch, loss_normalizers(samples, algo))
         entropy = entropy_from_logits(TinyLM()(batch.input_ids).logits)
         rows = batch.update_mask if mask_by_update else torch.ones_like(batch.update_mask)

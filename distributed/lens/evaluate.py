@@ -33,19 +33,13 @@ class EvalReport:
 
 
 def evaluate_model(cfg: Config, model: str) -> EvalReport:
-    from innerloop.actors.rollout import RolloutWorker
+    from innerloop.actors.rollout import generate_in_process
 
     path = Path(model)
     model_path = resolve_model(str(checkpoints.model_folder(path)) if path.exists() else model)
     _, held_out = load_questions(cfg.tasks)
-    # No Ray needed for one engine: the role class runs in-process.
-    worker = RolloutWorker(model_path, cfg.model.dtype, cfg.rollout, cfg.reward, cfg.tasks.system_prompt,
-                           cfg.tasks.prompt_template, cfg.train.seed)
-    try:
-        trajectories = worker.generate(held_out, cfg.eval.samples, sampling=cfg.eval).trajectories
-    finally:
-        worker.close()
-    return report_from_trajectories(trajectories, cfg.eval.pass_k)
+    return report_from_trajectories(generate_in_process(cfg, model_path, held_out, cfg.eval.samples, cfg.eval),
+                                    cfg.eval.pass_k)
 
 
 def report_from_trajectories(trajectories: Sequence[Trajectory], ks: Sequence[int]) -> EvalReport:

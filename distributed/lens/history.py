@@ -25,6 +25,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from innerloop.distributed.lens.plotting import saved_figure
+
 CHECKPOINT_FILE = "question_history.json"  # its name inside each checkpoint folder
 FORMAT = 1
 _REQUIRED = ("step", "question_id", "reward", "correct", "completion_tokens", "policy_version")
@@ -182,7 +184,6 @@ def to_json(histories: Mapping[str, QuestionHistory]) -> str:
     return f'{{"format": {FORMAT}, "questions": [\n{lines}\n]}}\n'
 
 
-
 def from_json(text: str) -> dict[str, QuestionHistory]:
     data = json.loads(text)
     found = data.get("format") if isinstance(data, dict) else None
@@ -269,9 +270,6 @@ def pass_rate_grid(rows: list[QuestionHistory]):
 def write_heatmap(histories: Mapping[str, QuestionHistory], path: str | Path, max_rows: int = 100) -> None:
     """A PNG: one row per question, one column per step, colored by pass rate; blank where not visited."""
     import matplotlib
-
-    matplotlib.use("Agg")  # files only: no display needed
-    import matplotlib.pyplot as plt
     import numpy as np
 
     if not histories:
@@ -281,8 +279,8 @@ def write_heatmap(histories: Mapping[str, QuestionHistory], path: str | Path, ma
     last_step = grid.shape[1]
     colors = matplotlib.colormaps["viridis"].with_extremes(bad="white")  # NaN: not visited at that step
     # At least 7 inches wide: the title names what is shown and must fit above a short run's columns.
-    figure, axes = plt.subplots(figsize=(min(20.0, max(7.0, 4 + 0.05 * last_step)), min(20.0, 2 + 0.12 * len(rows))))
-    try:
+    size = (min(20.0, max(7.0, 4 + 0.05 * last_step)), min(20.0, 2 + 0.12 * len(rows)))
+    with saved_figure(path, dpi=100, figsize=size) as (figure, axes):
         image = axes.imshow(np.ma.masked_invalid(grid), aspect="auto", interpolation="nearest", cmap=colors,
                             vmin=0.0, vmax=1.0, extent=(0.5, last_step + 0.5, len(rows) - 0.5, -0.5))
         figure.colorbar(image, ax=axes, label="pass rate (fraction of the group correct)")
@@ -292,7 +290,3 @@ def write_heatmap(histories: Mapping[str, QuestionHistory], path: str | Path, ma
             axes.set_yticks(range(len(rows)), [h.question_id for h in rows], fontsize=7)
         else:
             axes.set_yticks([])
-        figure.tight_layout()
-        figure.savefig(path, dpi=100)
-    finally:
-        plt.close(figure)

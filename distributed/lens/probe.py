@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
+from innerloop.distributed.lens.plotting import on_fraction_grid, saved_figure
 from innerloop.learners.probe_summary import TokenGroupChange
 
 if TYPE_CHECKING:
@@ -103,19 +104,14 @@ def write_probe(records: Sequence[ProbeRecord], out_dir: str | Path, label: str)
 
 def plot_curves(records: Sequence[ProbeRecord], path: str | Path, title: str) -> None:
     """Mean curve and a one-standard-deviation band per group, over the prefix fraction i / L."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only: no display needed
-    import matplotlib.pyplot as plt
     import numpy as np
 
     grid = np.linspace(0.0, 1.0, PLOT_GRID)
-    figure, axes = plt.subplots(figsize=(7, 4.5))
-    try:
+    with saved_figure(path, dpi=100, figsize=(7, 4.5)) as (figure, axes):
         for name, wanted, color in (("correct", True, "tab:green"), ("incorrect", False, "tab:red")):
+            curves = [on_fraction_grid(r.curve, r.positions, grid) for r in records if r.correct == wanted]
             # An empty trajectory has no fraction axis: it is left out of the plot (not of the files).
-            curves = [np.interp(grid, np.array(r.positions) / r.completion_tokens, r.curve)
-                      for r in records if r.correct == wanted and r.completion_tokens > 0]
+            curves = [c for c in curves if c is not None]
             if not curves:
                 continue
             mean, spread = np.mean(curves, axis=0), np.std(curves, axis=0)
@@ -123,7 +119,3 @@ def plot_curves(records: Sequence[ProbeRecord], path: str | Path, title: str) ->
             axes.fill_between(grid, mean - spread, mean + spread, color=color, alpha=0.2)
         axes.set(title=title, xlabel="fraction of the trajectory read", ylabel="answer NLL (nats per token)")
         axes.legend()
-        figure.tight_layout()
-        figure.savefig(path, dpi=100)
-    finally:
-        plt.close(figure)

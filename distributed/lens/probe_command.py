@@ -128,7 +128,7 @@ def _model_path(model: str) -> str:
 
 
 def _sample(cfg: Config, model_path: str, count: int, samples: int) -> tuple[list[Question], tuple[Trajectory, ...]]:
-    from innerloop.actors.rollout import RolloutWorker
+    from innerloop.actors.rollout import generate_in_process
     from innerloop.distributed.run.questions import load_questions
 
     _, held_out = load_questions(cfg.tasks)
@@ -136,13 +136,8 @@ def _sample(cfg: Config, model_path: str, count: int, samples: int) -> tuple[lis
         raise ConfigError(f"--questions {count}: the config holds only {len(held_out)} held-out questions "
                          "(raise tasks.eval_count)")
     questions = held_out[:count]
-    # No Ray needed for one engine: the role class runs in-process.
-    worker = RolloutWorker(model_path, cfg.model.dtype, cfg.rollout, cfg.reward, cfg.tasks.system_prompt,
-                           cfg.tasks.prompt_template, cfg.train.seed)
-    try:
-        return questions, worker.generate(questions, samples, sampling=cfg.rollout).trajectories
-    finally:
-        worker.close()  # before the transformers model loads: the engine's memory is free again
+    # Closed before the transformers model loads: the engine's memory is free again.
+    return questions, generate_in_process(cfg, model_path, questions, samples, cfg.rollout)
 
 
 def _load_transformers(model_path: str, dtype: str):

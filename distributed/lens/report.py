@@ -22,7 +22,9 @@ from pathlib import Path
 from typing import Any
 
 from innerloop.distributed.lens import history, report_figures
+from innerloop.distributed.lens.plotting import on_fraction_grid
 from innerloop.distributed.lens.report_figures import Figure
+from innerloop.distributed.state.tracking import RunDir, read_jsonl
 
 PHASES = ("generate", "probe", "update", "sync", "other")  # time_<phase> of a step record: they sum to time_step
 TIMED = ("generate", "update", "sync", "other")  # every GRPO step has these; time_probe only when it probed
@@ -133,18 +135,6 @@ def _last_accuracy(points: list[EvalPoint], label: str) -> float | None:
 # ---------------------------------------------------------------- the inner-loop probe
 
 
-def on_fraction_grid(curve: Sequence[float], positions: Sequence[int], grid: Sequence[float]) -> list[float] | None:
-    """A probe curve resampled at fractions of its trajectory (position / last position), linearly
-    between probed positions; None when it cannot be (lengths differ, nothing probed past position 0)."""
-    import numpy as np
-
-    if not curve or len(curve) != len(positions) or max(positions) <= 0:
-        return None
-    fractions = np.asarray(positions, dtype=float) / max(positions)
-    order = np.argsort(fractions)
-    return np.interp(grid, fractions[order], np.asarray(curve, dtype=float)[order]).tolist()
-
-
 def mean_probe_curves(records: Iterable[Mapping[str, Any]], points: int = PROBE_GRID_POINTS) -> ProbeCurves:
     """Mean probe curve of the correct and of the incorrect trajectories, on a common fraction grid:
     trajectories differ in length, so each is placed by how far along it the probe was taken."""
@@ -172,16 +162,7 @@ def _probe_curve(record: Mapping[str, Any], grid: list[float]) -> list[float] | 
 
 def read_probe(run_dir: Path) -> list[dict[str, Any]]:
     """Every probe.jsonl record under RUN_DIR/probe (a line cut short by a kill is not a record)."""
-    records = []
-    for path in sorted((run_dir / "probe").rglob("probe.jsonl")):
-        for line in path.read_text().splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(record, dict):
-                records.append(record)
-    return records
+    return [r for path in sorted((run_dir / "probe").rglob("probe.jsonl")) for r in read_jsonl(path)]
 
 
 # ---------------------------------------------------------------- the page
@@ -189,8 +170,6 @@ def read_probe(run_dir: Path) -> list[dict[str, Any]]:
 
 def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
     """Write the report of a run directory (default RUN_DIR/report.html); returns its path."""
-    from innerloop.distributed.state.tracking import RunDir
-
     run_dir = Path(run_dir)
     if not (run_dir / "metrics.jsonl").is_file():
         where = "does not exist" if not run_dir.exists() else "has no metrics.jsonl"
@@ -227,7 +206,7 @@ def _summary_section(records: list[dict[str, Any]], run_dir: Path) -> tuple[str,
             ("share of step time", shares),
             ("mean staleness (policy versions)", "-" if s.staleness_mean is None else f"{s.staleness_mean:.2f}")]
     rows += [(f"events: {name}", str(count)) for name, count in sorted(s.event_counts.items())]
-    superseded = _line_count(run_dir / "superseded.jsonl")
+    superseded = len(read_jsonl(run_dir / "superseded.jsonl"))
     if superseded:
         rows.append(("records superseded by resumes", f"{superseded} (see superseded.jsonl)"))
     return "Summary", _table(rows)
@@ -326,10 +305,6 @@ def _short(value: Any) -> str:
 
 def _finite(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _line_count(path: Path) -> int:
-    return len(path.read_text().splitlines()) if path.is_file() else 0
 
 
 # The script reports, once everything has loaded, how many images decoded (the browser test reads it).

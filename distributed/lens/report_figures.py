@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from innerloop.distributed.lens import history
+from innerloop.distributed.lens.plotting import saved_figure
 
 if TYPE_CHECKING:
     from innerloop.distributed.lens.report import EvalPoint, ProbeCurves
@@ -100,20 +101,11 @@ def heatmap(histories: Mapping[str, history.QuestionHistory], max_rows: int = 10
 @contextmanager
 def _figure(rows: int, height: float, steps_on_x: bool = True):
     """(figure, axes, PNG buffer): the buffer holds the PNG once the block ends; the figure is closed."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only: no display needed
-    import matplotlib.pyplot as plt
-
-    from matplotlib.ticker import MaxNLocator
-
-    figure, axes = plt.subplots(rows, 1, figsize=(10, height), squeeze=False, sharex=True)
-    if steps_on_x:
-        axes[-1, 0].xaxis.set_major_locator(MaxNLocator(integer=True))  # no step 1.5
     png = io.BytesIO()
-    try:
+    with saved_figure(png, dpi=90, format="png", nrows=rows, figsize=(10, height), squeeze=False,
+                      sharex=True) as (figure, axes):
+        if steps_on_x:
+            from matplotlib.ticker import MaxNLocator
+
+            axes[-1, 0].xaxis.set_major_locator(MaxNLocator(integer=True))  # no step 1.5
         yield figure, tuple(axes[:, 0]), png
-        figure.tight_layout()
-        figure.savefig(png, format="png", dpi=90)
-    finally:
-        plt.close(figure)

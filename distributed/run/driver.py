@@ -13,26 +13,24 @@ import math
 import random
 import shutil
 import time
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from innerloop.distributed.cluster import fleet
-
-from innerloop.distributed.lens import history
-
-from innerloop.distributed.run import sft_stage
-
-from innerloop.distributed.state import checkpoints
+from innerloop.distributed.cluster import fleet, teacher
 from innerloop.distributed.config import Config, ConfigError
 from innerloop.distributed.errors import RunStopped
-from innerloop.distributed.state.model_prep import resolve_model
+from innerloop.distributed.lens import history
+from innerloop.distributed.records import UpdateMetrics
+from innerloop.distributed.run import sft_stage
 from innerloop.distributed.run.prefetch import Prefetch, staleness_bound
 from innerloop.distributed.run.progress import StepDisplay
 from innerloop.distributed.run.questions import QuestionStream, load_questions
-from innerloop.distributed.records import Trajectory
-from innerloop.distributed.run.samples import build_samples, group_by_question, loss_normalizers, sft_normalizer
+from innerloop.distributed.run.samples import (build_samples, group_advantages, group_by_question, loss_normalizers,
+                                               sft_normalizer)
 from innerloop.distributed.run.sft_stage import SftSchedule
+from innerloop.distributed.run.step_record import PhaseTimer, RolloutSummary, StepRecord
+from innerloop.distributed.state import checkpoints
+from innerloop.distributed.state.model_prep import resolve_model
 from innerloop.distributed.state.tracking import RunDir
 
 log = logging.getLogger(__name__)
@@ -144,17 +142,18 @@ class Trainer:
               eval_questions) -> int:
         cfg = self.cfg
         step, last = start_step, cfg.total_steps
-        ahead = Prefetch(actors, stream, cfg, self._step_seed, first_step=max(start_step, cfg.sft.steps))
+        ahead = Prefetch(actors.rollouts, stream, cfg, self._step_seed, first_step=max(start_step, cfg.sft.steps))
         with StepDisplay(total=last, done=start_step) as display:
             while step < last and not self._out_of_time(started):
                 if step < cfg.sft.steps:  # the SFT stage first; GRPO takes over by itself after it
-                    question_ids, trajectories, record = self._sft_step(actors, step)
+                    question_ids, trajectories, result = self._sft_step(actors, step)
                 else:
                     self._adjust_pool(actors, step, ahead)
-                    questions, call = ahead.next()
-                    trajectories, record = self._step(actors, questions, call, step)
+                    questions, call = ahead.next()                             # take questions
+                    trajectories, result = self._step(actors, questions, call, step)
                     question_ids = [q.question_id for q in questions]
                 step += 1
+                record = result.record()                                       # log
                 self.run.log(record, step)
                 self.run.record_questions(step, question_ids)
                 self.run.record_trajectories(step, step - 1, trajectories)
@@ -164,34 +163,32 @@ class Trainer:
                 if cfg.eval.every and step % cfg.eval.every == 0 and step < last:
                     self._evaluate(actors, eval_questions, step, f"step_{step}")
                 if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0:
-                    self._checkpoint(actors, step, ahead.trained_position())
+                    self._checkpoint(actors, step, ahead.trained_position())   # checkpoint
         ahead.finish_submitted()  # nothing left running on the workers, and the last weights arrived
-        actors.check_loads()
+        actors.rollouts.check_loads()
         if step > start_step and not (cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0):
             self._checkpoint(actors, step, ahead.trained_position())  # the last step is always saved
         return step
 
-    def _step(self, actors: "fleet.Fleet", questions, call, step: int) -> tuple[list, dict]:
+    def _step(self, actors: "fleet.Fleet", questions, call, step: int) -> tuple[list, StepRecord]:
         """One step on a submitted generation: wait for it, group advantages, update, weights out."""
-        cfg, timer = self.cfg, _PhaseTimer()
+        cfg, timer = self.cfg, PhaseTimer()
         with timer("generate"):                                                  # roll out and score
-            trajectories = actors.collect(call)
+            trajectories = actors.rollouts.collect(call)
         if cfg.probe.every_steps and step % cfg.probe.every_steps == 0:
             with timer("probe"):  # under the weights that sampled them (the learner's, before its update)
                 self._probe(actors, questions, trajectories, step)
         groups = group_by_question(trajectories)
-        samples = build_samples(groups, cfg.algorithm, seed=self._step_seed(step), learner_version=step)
-        with timer("update"):
+        advantages = group_advantages(groups, cfg.algorithm)                     # advantages, within groups
+        samples = build_samples(groups, advantages, cfg.algorithm, seed=self._step_seed(step), learner_version=step)
+        with timer("update"):                                                    # update the policy
             update = actors.update(samples, loss_normalizers(samples, cfg.algorithm))
-        if update.get("step_skipped"):
+        if update.skipped:
             self._skipped_step(step + 1, trajectories, samples, update)
         with timer("sync"):                                                      # weights out, versioned
             actors.sync_weights(step + 1, wait=staleness_bound(cfg) == 0)
-        staleness = [step - t.policy_version for t in trajectories]
-        return trajectories, {"stage": "grpo", **_rollout_metrics(groups, trajectories, timer.seconds["generate"]), **update,
-                              **timer.record(), "time_score": actors.last_rollout_seconds["score"],
-                              "policy_version": step + 1, "staleness_mean": sum(staleness) / max(1, len(staleness)),
-                              "staleness_max": max(staleness, default=0)}
+        rollout = RolloutSummary(groups, timer.seconds["generate"], actors.rollouts.score_seconds, step)
+        return trajectories, StepRecord(update, timer.record(), policy_version=step + 1, rollout=rollout)
 
     def _probe(self, actors: "fleet.Fleet", questions, trajectories, step: int) -> None:
         """The inner-loop curves of a few of this step's trajectories, into run_dir/probe/."""
@@ -213,8 +210,8 @@ class Trainer:
         from transformers import AutoTokenizer
 
         def sample_teacher(questions, samples_per_question):
-            teacher = resolve_model(cfg.sft.teacher)
-            return fleet.sample_with_teacher(cfg, teacher, questions, samples_per_question, self._address)
+            return teacher.sample_with_teacher(cfg, resolve_model(cfg.sft.teacher), questions, samples_per_question,
+                                               self._address)
 
         try:
             items = sft_stage.prepare_set(cfg, train_questions, self.run.path, sample_teacher)
@@ -222,24 +219,23 @@ class Trainer:
         except (ValueError, FileNotFoundError) as exc:  # a bad file, nothing correct: the user's fix
             raise ConfigError(f"sft: {exc}") from None
 
-    def _sft_step(self, actors: "fleet.Fleet", step: int) -> tuple[list[str], list, dict]:
+    def _sft_step(self, actors: "fleet.Fleet", step: int) -> tuple[list[str], list, StepRecord]:
         """One SFT step: the negative log-likelihood of verified trajectories, then weights out."""
-        timer = _PhaseTimer()
+        timer = PhaseTimer()
         question_ids, samples = self._sft.batch(step)
         with timer("update"):
             update = actors.sft_update(samples, sft_normalizer(samples, self.cfg.algorithm.aggregation))
-        if update.get("step_skipped"):
+        if update.skipped:
             self._skipped_step(step + 1, [], samples, update)
         with timer("sync"):  # every step: evals, checkpoints and the hand-off to GRPO see current weights
             actors.sync_weights(step + 1)
-        return question_ids, [], {"stage": "sft", **update, **timer.record(), "policy_version": step + 1,
-                                  "sft_samples": len(samples)}
+        return question_ids, [], StepRecord(update, timer.record(), policy_version=step + 1, sft_samples=len(samples))
 
     def _step_seed(self, step: int) -> int:
         """The sampling seed of a step: fixed by the run's seed and the step, whatever ran before."""
         return random.Random(f"{self.cfg.train.seed}-{step}").getrandbits(31)
 
-    def _skipped_step(self, step: int, trajectories, samples, update: dict) -> None:
+    def _skipped_step(self, step: int, trajectories, samples, update: UpdateMetrics) -> None:
         """A NaN/inf loss or gradient: the learners skipped the step. Save its data; stop after too many."""
         self._nonfinite_steps += 1
         saved = save_bad_step(self.run.bad_steps, step, trajectories, samples, update)
@@ -258,15 +254,15 @@ class Trainer:
         submitted finish first."""
         count = self.run.take_scale_request() or scheduled_pool(self.cfg.rollout.worker_schedule, step,
                                                                  first=step == ahead.first_step)
-        if count is not None and count != len(actors.workers):
+        if count is not None and count != len(actors.rollouts.workers):
             ahead.finish_submitted()
-            actors.resize_workers(count)
+            actors.rollouts.resize(count)
         if self.cfg.rollout.max_workers:
-            actors.grow_onto_new_nodes(self.cfg.rollout.max_workers)
+            actors.rollouts.grow_onto_new_nodes(self.cfg.rollout.max_workers)
         self._log_events(actors, step)
 
     def _log_events(self, actors: "fleet.Fleet", step: int) -> None:
-        for event in actors.drain_events():
+        for event in actors.rollouts.drain_events():
             self.run.log(event, step)
 
     def _note_metric(self, record: dict) -> None:
@@ -279,7 +275,7 @@ class Trainer:
         return bool(limit) and time.perf_counter() - started > limit * 60
 
     def _evaluate(self, actors: "fleet.Fleet", questions, step: int, label: str) -> float:
-        trajectories = actors.generate(questions, 1, sampling=self.cfg.eval)
+        trajectories = actors.rollouts.generate(questions, 1, sampling=self.cfg.eval)
         accuracy = sum(t.correct for t in trajectories) / max(1, len(trajectories))
         formatted = sum(t.formatted for t in trajectories) / max(1, len(trajectories))
         record = {"event": f"eval_{label}", "eval_accuracy": accuracy, "eval_formatted": formatted,
@@ -337,11 +333,11 @@ def pick_for_probe(trajectories, questions, question_count: int, per_question: i
     return picked
 
 
-def save_bad_step(folder: Path, step: int, trajectories, samples, update: dict) -> Path:
+def save_bad_step(folder: Path, step: int, trajectories, samples, update: UpdateMetrics) -> Path:
     """One skipped step's trajectories, advantages and update metrics, as JSON lines, for inspection."""
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"step-{step:06d}.jsonl"
-    lines = [json.dumps({"update": update}, default=str)]
+    lines = [json.dumps({"update": update.record()}, default=str)]
     lines += [json.dumps({"trajectory": asdict(t), "advantage": s.advantage}, default=str)
               for t, s in zip(trajectories, samples)]
     path.write_text("\n".join(lines) + "\n")
@@ -369,39 +365,3 @@ def check_inputs(cfg: Config):
         return load_questions(cfg.tasks, verify_answers=cfg.reward.kind in VERIFIER_REWARDS)
     except (ValueError, FileNotFoundError) as exc:
         raise ConfigError(f"tasks: {exc}") from None
-
-
-class _PhaseTimer:
-    """Wall time of each named phase of one step; what no phase covers is reported as `other`."""
-
-    def __init__(self):
-        self.seconds: dict[str, float] = {}
-        self._started = time.perf_counter()
-
-    @contextmanager
-    def __call__(self, phase: str):
-        t0 = time.perf_counter()
-        yield
-        self.seconds[phase] = time.perf_counter() - t0
-
-    def record(self) -> dict[str, float]:
-        total = time.perf_counter() - self._started
-        return {**{f"time_{k}": v for k, v in self.seconds.items()}, "time_step": total,
-                "time_other": total - sum(self.seconds.values())}
-
-
-def _rollout_metrics(groups: list[list[Trajectory]], trajectories: list[Trajectory], seconds: float) -> dict:
-    n = max(1, len(trajectories))
-    tokens = sum(len(t.completion_ids) for t in trajectories)
-    zero_variance = sum(len({t.reward for t in g}) == 1 for g in groups)
-    return {
-        "reward_mean": sum(t.reward for t in trajectories) / n,
-        "accuracy": sum(t.correct for t in trajectories) / n,
-        "formatted": sum(t.formatted for t in trajectories) / n,
-        "completion_tokens_mean": tokens / n,
-        "truncated": sum(t.finish_reason == "length" for t in trajectories) / n,
-        "zero_variance_groups": zero_variance / max(1, len(groups)),
-        "reward_errors": sum(bool(t.reward_error) for t in trajectories),
-        "generated_tokens": tokens,
-        "generate_tokens_per_s": tokens / max(seconds, 1e-9),
-    }

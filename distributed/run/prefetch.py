@@ -23,9 +23,9 @@ class Prefetch:
     s = 0 submits each step's generation only when that step starts: the synchronous trainer.
     """
 
-    def __init__(self, actors, stream: QuestionStream, cfg: Config, step_seed, first_step: int):
-        """`actors`: the fleet (submit, collect); `step_seed(step)`: the sampling seed of a step."""
-        self._actors, self._stream, self._cfg, self._step_seed = actors, stream, cfg, step_seed
+    def __init__(self, rollouts, stream: QuestionStream, cfg: Config, step_seed, first_step: int):
+        """`rollouts`: the fleet's rollout pool (submit, collect); `step_seed(step)`: a step's sampling seed."""
+        self._rollouts, self._stream, self._cfg, self._step_seed = rollouts, stream, cfg, step_seed
         self._next_step = self.first_step = first_step
         self._submitted: list[tuple[list, object, int]] = []  # (questions, call, stream position before)
 
@@ -35,7 +35,7 @@ class Prefetch:
         while len(self._submitted) <= staleness_bound(self._cfg) and self._next_step < last:
             position = self._stream.position
             questions = self._stream.take(rollout.questions_per_step)
-            call = self._actors.submit(questions, rollout.group_size, seed=self._step_seed(self._next_step))
+            call = self._rollouts.submit(questions, rollout.group_size, seed=self._step_seed(self._next_step))
             self._submitted.append((questions, call, position))
             self._next_step += 1
         questions, call, _ = self._submitted.pop(0)
@@ -44,7 +44,7 @@ class Prefetch:
     def finish_submitted(self) -> None:
         """Wait for every submitted generation (before the pool changes); they stay queued, done."""
         for _, call, _ in self._submitted:
-            self._actors.collect(call)
+            self._rollouts.collect(call)
 
     def trained_position(self) -> int:
         """The question stream's position as of the last step trained: submitted steps not yet

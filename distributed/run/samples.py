@@ -20,17 +20,21 @@ def group_by_question(trajectories: list[Trajectory]) -> list[list[Trajectory]]:
     return list(groups.values())
 
 
-def build_samples(groups: list[list[Trajectory]], algorithm: AlgorithmConfig, seed: int = 0,
-                  learner_version: int | None = None) -> list[TrainingSample]:
-    """One training sample per trajectory, with its group-relative advantage over all G, and
-    `update` set on the seeded random `algorithm.update_subset` of each group (all G when None).
-    `learner_version`: the policy version being updated; older trajectories are marked stale."""
+def group_advantages(groups: list[list[Trajectory]], algorithm: AlgorithmConfig) -> torch.Tensor:
+    """Each trajectory's advantage within its group of G (`algorithm.advantage_scale`): [Q, G]."""
     sizes = {len(g) for g in groups}
     if len(sizes) != 1:
         raise ValueError(f"every group must hold the same number of trajectories, got sizes {sorted(sizes)}")
     rewards = torch.tensor([[t.reward for t in g] for g in groups], dtype=torch.float32)  # [Q, G]
-    advantages = grpo.group_advantages(rewards, algorithm.advantage_scale)  # [Q, G]
-    num_groups, G = rewards.shape
+    return grpo.group_advantages(rewards, algorithm.advantage_scale)
+
+
+def build_samples(groups: list[list[Trajectory]], advantages: torch.Tensor, algorithm: AlgorithmConfig,
+                  seed: int = 0, learner_version: int | None = None) -> list[TrainingSample]:
+    """One training sample per trajectory, with its advantage ([Q, G], from `group_advantages`), and
+    `update` set on the seeded random `algorithm.update_subset` of each group (all G when None).
+    `learner_version`: the policy version being updated; older trajectories are marked stale."""
+    num_groups, G = advantages.shape
     m = G if algorithm.update_subset is None else algorithm.update_subset
     # Its own generator: the subset depends only on the seed, never on other torch random draws.
     update = grpo.update_subset_mask(num_groups, G, m, torch.Generator().manual_seed(seed))  # [Q * G]
@@ -42,18 +46,12 @@ def build_samples(groups: list[list[Trajectory]], algorithm: AlgorithmConfig, se
 
 
 def _sample(trajectory: Trajectory, advantage: float, update: bool, staleness: int) -> TrainingSample:
-    prompt, completion = trajectory.prompt_ids, trajectory.completion_ids
-    if len(trajectory.logprobs) != len(completion):
+    if len(trajectory.logprobs) != len(trajectory.completion_ids):
         raise ValueError(f"trajectory of {trajectory.question_id} has {len(trajectory.logprobs)} log-probs for "
-                         f"{len(completion)} completion tokens; the rollout worker must return one per token")
-    return TrainingSample(
-        input_ids=prompt + completion,
-        loss_mask=(0,) * len(prompt) + (1,) * len(completion),
-        sampler_logprobs=(0.0,) * len(prompt) + trajectory.logprobs,
-        advantage=advantage,
-        update=update,
-        staleness=staleness,
-    )
+                         f"{len(trajectory.completion_ids)} completion tokens; the rollout worker must return one "
+                         "per token")
+    return TrainingSample.of_completion(trajectory.prompt_ids, trajectory.completion_ids, advantage,
+                                        trajectory.logprobs, update, staleness)
 
 
 def loss_normalizers(samples: list[TrainingSample], algorithm: AlgorithmConfig) -> grpo.LossNormalizers:

@@ -17,18 +17,19 @@ import json
 import logging
 import random
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Literal, Mapping, Sequence
 
 from innerloop.actors.prompts import chat_prompt_ids
 from innerloop.actors.rewards import check_answer
-from innerloop.actors.tasks import BadRowError, warn_skipped
+from innerloop.actors.rows import BadRowError, Loaded, check_on_bad_row, field_text, jsonl_rows
 from innerloop.distributed.records import Question, TrainingSample, Trajectory
 
 logger = logging.getLogger(__name__)
 
 FIELDS = ("question_id", "prompt", "answer", "completion")  # one JSON object per line, these keys
+_NOT_TEXT = (dict, list, bool)  # refused as a field's text; a number is fine (an answer of 42)
 
 Verify = Callable[[str, str], bool]  # (completion, reference answer) -> the final answer is correct
 
@@ -46,13 +47,12 @@ class SftTrajectory:
 # ---------------------------------------------------------------- the trajectory file
 
 
-@dataclass(frozen=True)
-class LoadedTrajectories:
-    """The trajectories read from a file, and what was skipped on the way."""
+class LoadedTrajectories(Loaded[SftTrajectory]):
+    """The trajectories read from a file (`trajectories`), and what was skipped on the way."""
 
-    trajectories: list[SftTrajectory]
-    skipped: int = 0
-    skip_reasons: dict[str, int] = field(default_factory=dict)  # reason -> lines
+    @property
+    def trajectories(self) -> list[SftTrajectory]:
+        return self.items
 
 
 def load_trajectory_file(path: str | Path, on_bad_row: Literal["skip", "fail"] = "skip") -> LoadedTrajectories:
@@ -61,50 +61,23 @@ def load_trajectory_file(path: str | Path, on_bad_row: Literal["skip", "fail"] =
     A line that is not a JSON object or lacks a field is skipped and counted, or with on_bad_row="fail"
     stops the load naming the file and line. Blank lines are ignored; extra keys are allowed.
     """
-    if on_bad_row not in ("skip", "fail"):
-        raise ValueError(f"on_bad_row must be 'skip' or 'fail', got {on_bad_row!r}")
+    check_on_bad_row(on_bad_row)
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"trajectory file {str(path)!r} does not exist")
-    trajectories, reasons = [], Counter()
-    with path.open(encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                trajectories.append(_parse_line(line))
-            except BadRowError as exc:
-                if on_bad_row == "fail":
-                    where = f"{path}, line {line_no}"
-                    raise BadRowError(f"{where}: {exc} (set on_bad_row='skip' to skip such lines)") from None
-                reasons[str(exc)] += 1
-    skipped = warn_skipped(path, reasons, len(trajectories), "lines")
-    return LoadedTrajectories(trajectories, skipped, dict(reasons))
+    return LoadedTrajectories.from_rows(path, jsonl_rows(path), _parse_row, on_bad_row, what="lines")
 
 
-def _parse_line(line: str) -> SftTrajectory:
-    try:
-        row = json.loads(line)
-    except json.JSONDecodeError as exc:
-        raise BadRowError(f"the line is not valid JSON ({exc.msg})") from None
+def _parse_row(_index: int, row: Any) -> SftTrajectory:
     if not isinstance(row, dict):
         raise BadRowError(f"the line is a JSON {type(row).__name__}, expected an object with keys {', '.join(FIELDS)}")
-    question_id, prompt, answer = (_field(row, name).strip() for name in FIELDS[:3])
+    question_id, prompt, answer = (field_text(row, name, _NOT_TEXT).strip() for name in FIELDS[:3])
     # The completion is kept exactly as written: its whitespace is part of what is imitated.
-    completion = _field(row, "completion")
+    completion = field_text(row, "completion", _NOT_TEXT)
     if not (question_id and prompt and answer and completion.strip()):
         empty = [name for name in FIELDS if not str(row[name]).strip()]
         raise BadRowError(f"field {empty[0]!r} is empty")
     return SftTrajectory(question_id, prompt, answer, completion)
-
-
-def _field(row: dict[str, Any], name: str) -> str:
-    value = row.get(name)
-    if value is None:
-        raise BadRowError(f"field {name!r} is missing")
-    if isinstance(value, (dict, list, bool)):
-        raise BadRowError(f"field {name!r} is a {type(value).__name__}, expected text")
-    return str(value)  # a number is fine (an answer of 42)
 
 
 def write_trajectory_file(path: str | Path, trajectories: Iterable[SftTrajectory]) -> None:
@@ -244,19 +217,11 @@ def sft_samples(items: Iterable[SftTrajectory], tokenizer: Any, system_prompt: s
     # k copies of a question share a prompt, and padded copies share a completion: tokenize each once.
     prompt_ids = functools.cache(lambda text: tuple(chat_prompt_ids(tokenizer, text, system_prompt, prompt_template)))
     completion_ids = functools.cache(lambda text: _completion_ids(tokenizer, text, eos))
-    return [_sample(prompt_ids(item.prompt), completion_ids(item.completion)) for item in items]
+    return [TrainingSample.of_completion(prompt_ids(item.prompt), completion_ids(item.completion), advantage=1.0)
+            for item in items]
 
 
 def _completion_ids(tokenizer: Any, text: str, eos: int) -> tuple[int, ...]:
     # Tokenized on its own, as generation produces it after the prompt (not merged across the boundary).
     ids = tuple(tokenizer.encode(text, add_special_tokens=False))
     return ids if ids[-1:] == (eos,) else ids + (eos,)  # a completion written with its eos keeps just one
-
-
-def _sample(prompt: tuple[int, ...], completion: tuple[int, ...]) -> TrainingSample:
-    return TrainingSample(
-        input_ids=prompt + completion,
-        loss_mask=(0,) * len(prompt) + (1,) * len(completion),
-        sampler_logprobs=(0.0,) * (len(prompt) + len(completion)),
-        advantage=1.0,
-    )

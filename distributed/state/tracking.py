@@ -49,7 +49,7 @@ class RunDir:
     def log(self, record: dict[str, Any], step: int) -> None:
         """Append one record to metrics.jsonl and mirror its numbers to TensorBoard."""
         record = {"step": step, "time": round(time.time(), 3), **record}
-        _append(self.metrics_file, record)
+        _append(self.metrics_file, [record])
         writer = self._tensorboard()
         for key, value in record.items():
             if key not in ("step", "time") and isinstance(value, (int, float)) and math.isfinite(value):
@@ -59,7 +59,7 @@ class RunDir:
     def record_questions(self, step: int, question_ids: list[str]) -> None:
         """The ledger: which questions step `step` consumed (written with its metrics, before any
         checkpoint of that step, so a checkpoint never runs ahead of its ledger)."""
-        _append(self.ledger_file, {"step": step, "questions": list(question_ids)})
+        _append(self.ledger_file, [{"step": step, "questions": list(question_ids)}])
 
     def record_trajectories(self, step: int, trained_on_version: int, trajectories) -> None:
         """One line per trajectory step `step` trained on. `staleness`: how many policy versions the
@@ -68,11 +68,10 @@ class RunDir:
                   "formatted": t.formatted, "completion_tokens": len(t.completion_ids),
                   "finish_reason": t.finish_reason, "policy_version": t.policy_version,
                   "staleness": trained_on_version - t.policy_version} for t in trajectories]
-        with self.trajectories_file.open("a") as handle:
-            handle.write("".join(json.dumps(line) + "\n" for line in lines))
+        _append(self.trajectories_file, lines)
 
     def read_trajectories(self) -> list[dict[str, Any]]:
-        return _read_jsonl(self.trajectories_file)
+        return read_jsonl(self.trajectories_file)
 
     def request_scale(self, rollout_workers: int) -> None:
         """Ask the running driver for this many rollout workers (written whole, then renamed)."""
@@ -91,7 +90,7 @@ class RunDir:
         return count if isinstance(count, int) and count >= 1 else None
 
     def read_ledger(self) -> list[dict[str, Any]]:
-        return _read_jsonl(self.ledger_file)
+        return read_jsonl(self.ledger_file)
 
     def rewind(self, step: int | None) -> int:
         """Forget what was logged after `step` (None: everything), as a resume goes back to it.
@@ -101,13 +100,12 @@ class RunDir:
         """
         dropped = 0
         for path in (self.metrics_file, self.ledger_file, self.trajectories_file):
-            records = _read_jsonl(path)
+            records = read_jsonl(path)
             keep = [step is not None and r.get("step", 0) <= step for r in records]
             kept = [r for r, k in zip(records, keep) if k]
             gone = [{"file": path.name, **r} for r, k in zip(records, keep) if not k]
             if gone:
-                for record in gone:
-                    _append(self.superseded_file, record)
+                _append(self.superseded_file, gone)
                 _write_jsonl(path, kept)
                 dropped += len(gone)
         self._purge_step = (step or 0) + 1
@@ -122,7 +120,7 @@ class RunDir:
         return self._writer
 
     def read_metrics(self) -> list[dict[str, Any]]:
-        return _read_jsonl(self.metrics_file)
+        return read_jsonl(self.metrics_file)
 
     def close(self) -> None:
         if self._writer is not None:
@@ -135,21 +133,24 @@ def _plain(value: Any) -> Any:
     return str(value)
 
 
-def _append(path: Path, record: dict[str, Any]) -> None:
+def _append(path: Path, records: list[dict[str, Any]]) -> None:
     with path.open("a") as handle:
-        handle.write(json.dumps(record, default=_plain) + "\n")
+        handle.write("".join(json.dumps(r, default=_plain) + "\n" for r in records))
 
 
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The records of a JSONL file the run writes (none yet if it is missing). A kill -9 mid-write can
+    leave a last line cut short: it is not a record. (A user's file, where a bad line is an error: actors/rows.py.)"""
     if not path.exists():
         return []
-    # A kill -9 mid-write can leave a last line cut short: it is not a record.
     records = []
     for line in path.read_text().splitlines():
         try:
-            records.append(json.loads(line))
+            record = json.loads(line)
         except json.JSONDecodeError:
             continue
+        if isinstance(record, dict):
+            records.append(record)
     return records
 
 
