@@ -7,3 +7,7 @@ last checkpoint is intact when it is raised; the CLI prints the message, not a t
 
 class RunStopped(RuntimeError):
     """A run stopped itself: the message says why and how to go on."""
+
+
+class UntrustedCheckpoint(RunStopped):
+    """A checkpoint file holds objects other than tensors and plain data: it is refused unopened."""

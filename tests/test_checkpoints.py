@@ -224,3 +224,13 @@ def test_steps_past_six_digits_sort_by_number(tmp_path):
     checkpoints.save(tmp_path, state_at(999_999), FakeFleet(), keep=5)
     checkpoints.save(tmp_path, state_at(1_000_000), FakeFleet(), keep=5)
     assert checkpoints.latest(tmp_path) == tmp_path / "step-1000000"
+
+
+def test_a_hand_edited_driver_state_is_refused_naming_it(tmp_path):
+    saved = checkpoints.save(tmp_path, state_at(2), FakeFleet(), keep=2)
+    (saved / "state.json").write_text('{"step": 2, "surprise": true}')
+    manifest = json.loads((saved / "manifest.json").read_text())
+    manifest["files"] = checkpoints._describe_files(saved)
+    (saved / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(checkpoints.CheckpointError, match=r"state.json is not a driver state innerloop wrote"):
+        checkpoints.load(saved, FakeFleet())

@@ -409,6 +409,31 @@ def test_resume_restores_the_checkpoint_and_continues_the_step_count(resumed):
 
 
 @pytest.mark.integration
+def test_a_tampered_checkpoint_is_refused_naming_the_file_and_runs_nothing(stack, trained, tmp_path):
+    """A pickle that would run code, put into a real checkpoint whose manifest is then fixed up to
+    match, is refused by the learner before DeepSpeed opens it; the run stops with the file named."""
+    run_dir, marker = tmp_path / "run", tmp_path / "PWNED"
+    shutil.copytree(trained.run_dir, run_dir)
+    latest = checkpoints.latest(run_dir / "checkpoints")
+    [target] = (latest / "deepspeed").rglob("*model_states.pt")
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    state = torch.load(target, weights_only=False)
+    torch.save({**state, "innerloop_rng": Payload()}, target)
+    manifest = json.loads((latest / "manifest.json").read_text())
+    manifest["files"] = checkpoints._describe_files(latest)  # what a careful attacker would do
+    (latest / "manifest.json").write_text(json.dumps(manifest))
+    assert checkpoints.verify(latest) == []
+    with pytest.raises(checkpoints.CheckpointError) as caught:
+        checkpoints.load(latest, stack.fleet)
+    assert f"{target} holds posix.system" in str(caught.value) and "refused without being loaded" in str(caught.value)
+    assert not marker.exists()
+
+
+@pytest.mark.integration
 def test_two_zero2_learner_ranks_hold_identical_weights_matching_one_rank(stack):
     """Two ZeRO-2 ranks, each given half the batch, end the update with identical weights, and the
     same gradient norm, loss and weights as one rank given the whole batch."""

@@ -38,7 +38,7 @@ from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 
-from innerloop.distributed.errors import RunStopped
+from innerloop.distributed.errors import RunStopped, UntrustedCheckpoint
 
 log = logging.getLogger(__name__)
 
@@ -365,9 +365,16 @@ def load(path: Path, fleet) -> DriverState:
     if problems:
         raise CheckpointError(f"checkpoint {path} is damaged ({'; '.join(problems)}); delete that folder "
                               "and resume from the one before it")
-    state = DriverState(**json.loads((path / STATE).read_text()))
-    # Checkpoints from before the rank count was recorded were written by the same count as now.
-    fleet.load_learners(path / "deepspeed", tag="state", saved_ranks=state.extra.get("learner_ranks"))
+    try:
+        state = DriverState(**json.loads((path / STATE).read_bytes().decode("utf-8")))
+    except (ValueError, TypeError) as exc:  # checksummed, so only a hand-edited file gets here
+        raise CheckpointError(f"{path / STATE} is not a driver state innerloop wrote ({exc}); delete {path} "
+                              "and resume from the checkpoint before it") from None
+    try:
+        # Checkpoints from before the rank count was recorded were written by the same count as now.
+        fleet.load_learners(path / "deepspeed", tag="state", saved_ranks=state.extra.get("learner_ranks"))
+    except UntrustedCheckpoint as exc:  # raised in a learner: Ray's wrapper carries the learner's own error
+        raise CheckpointError(str(getattr(exc, "cause", None) or exc)) from None
     return state
 
 
