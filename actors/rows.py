@@ -20,11 +20,6 @@ class BadRowError(ValueError):
     """A dataset row that cannot become an item (raised with on_bad_row='fail')."""
 
 
-def check_on_bad_row(on_bad_row: str) -> None:
-    if on_bad_row not in ("skip", "fail"):
-        raise ValueError(f"on_bad_row must be 'skip' or 'fail', got {on_bad_row!r}")
-
-
 @dataclass(frozen=True)
 class Loaded(Generic[T]):
     """The items read from a dataset, and what was skipped on the way."""
@@ -39,6 +34,8 @@ class Loaded(Generic[T]):
         """The items `parse(index, row)` makes of `rows` (index from 0). A row it refuses with BadRowError,
         or that `rows` holds as one (a line that is not JSON), is skipped, logged and counted, or with
         on_bad_row="fail" stops the load naming the file and the row."""
+        if on_bad_row not in ("skip", "fail"):
+            raise ValueError(f"on_bad_row must be 'skip' or 'fail', got {on_bad_row!r}")
         items, reasons = [], Counter()
         for index, (where, row) in enumerate(rows):
             try:

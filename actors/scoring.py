@@ -174,18 +174,13 @@ class GuardedScorer:
         out: list[RewardResult] = []
         while len(out) < count:
             if not worker.conn.poll(self.timeout_s):
-                self._stats["timed_out"] += 1
-                out.append(self._failure(f"timed out after {self.timeout_s:g}s"))
-                self._restart(worker)
-                return out
+                return [*out, self._restart(worker, "timed_out", f"timed out after {self.timeout_s:g}s")]
             try:
                 status, payload = worker.conn.recv()
             except EOFError:  # the reward code killed its process (os._exit, segfault, ...)
                 worker.process.join(5.0)
-                self._stats["died"] += 1
-                out.append(self._failure(f"scoring process died (exit code {worker.process.exitcode})"))
-                self._restart(worker)
-                return out
+                error = f"scoring process died (exit code {worker.process.exitcode})"
+                return [*out, self._restart(worker, "died", error)]
             if status == "ok":
                 out.append(payload)
             else:
@@ -196,10 +191,13 @@ class GuardedScorer:
     def _failure(self, error: str) -> RewardResult:
         return RewardResult(self.failure_reward, False, False, error=error)
 
-    def _restart(self, worker: _Worker) -> None:
+    def _restart(self, worker: _Worker, failure: str, error: str) -> RewardResult:
+        """The failure reward of an item that hung or killed its process; the process is replaced."""
+        self._stats[failure] += 1
         worker.stop(graceful=False)
         self._stats["restarts"] += 1
         self._worker = _Worker(self._ctx, self._reward_fn)
+        return self._failure(error)
 
     def close(self) -> None:
         self._closed = True

@@ -17,7 +17,7 @@ import random
 from pathlib import Path
 from typing import Any, Callable, Literal
 
-from innerloop.actors.rows import BadRowError, Loaded, Rows, check_on_bad_row, field_text, jsonl_rows
+from innerloop.actors.rows import BadRowError, Loaded, Rows, field_text, jsonl_rows
 from innerloop.actors.word_problems import MAX_WORD_STEPS, draw_word_problem
 from innerloop.distributed.records import Question
 
@@ -204,14 +204,6 @@ def split_train_eval(questions: list[Question], eval_count: int, seed: int) -> t
 # ---------------------------------------------------------------- local datasets
 
 
-class LoadedQuestions(Loaded[Question]):
-    """The questions read from a dataset (`questions`), and what was skipped on the way."""
-
-    @property
-    def questions(self) -> list[Question]:
-        return self.items
-
-
 def load_dataset_questions(
     path: str | Path,
     question_field: str = "question",
@@ -220,14 +212,13 @@ def load_dataset_questions(
     solution_field: str | None = None,
     on_bad_row: Literal["skip", "fail"] = "skip",
     split: str | None = None,
-) -> LoadedQuestions:
+) -> Loaded[Question]:
     """Questions from a JSONL file, a Parquet file (or a folder of them), or a `save_to_disk` folder.
 
     A row without a question or an answer (or without its id, when `id_field` is set) is skipped and
     counted, or with on_bad_row="fail" stops the load naming the row. A missing solution is just "".
     Without `id_field`, ids are "<file stem>[-<split>]-<row>" (stable as long as the file is).
     """
-    check_on_bad_row(on_bad_row)
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"dataset path {str(path)!r} does not exist")
@@ -241,7 +232,7 @@ def load_dataset_questions(
     source = f"{path.stem}-{split}" if split else path.stem  # the id prefix when rows have no id
     parse = functools.partial(_row_to_question, source=source, question_field=question_field,
                               answer_field=answer_field, id_field=id_field, solution_field=solution_field)
-    return LoadedQuestions.from_rows(path, rows, parse, on_bad_row)
+    return Loaded.from_rows(path, rows, parse, on_bad_row)
 
 
 def _row_to_question(index: int, row: Any, source: str, question_field: str, answer_field: str,

@@ -12,7 +12,7 @@ Conventions
 - Samples in a batch are group-major: sample `i * G + j` is trajectory j of question i.
 - Losses are divided by a *global* normalizer (a count over the whole global batch, all ranks and
   micro-batches), so the pieces of a split batch sum to the full-batch loss and gradient exactly.
-- Every metric returned is additive: sum it over micro-batches and ranks, then `finalize_metrics`.
+- Every metric returned is additive: sum it over micro-batches and ranks (`records.PolicySums`).
   Metrics are detached float64 device scalars, not Python floats, so a micro-batch costs no host
   sync; float64 keeps token counts exact past 2**24.
 
@@ -28,8 +28,9 @@ Dr.GRPO: Liu et al. 2025; the update subset: Liu et al. 2025, arXiv 2505.19815)
 4. Aggregation "token" is DAPO's token-level mean over the whole global batch; "sequence" is
    GRPO's per-sequence mean over its tokens, then a mean over all sequences of the global batch.
    Dr.GRPO divides by a constant (the max generation length); not provided: the closest here is
-   scale "none" with aggregation "token" (one normalizer for the whole batch, not per sequence). Sequences with no loss tokens are not counted in the "sequence" normalizer,
-   so dummy rows that pad a rank's batch change nothing.
+   scale "none" with aggregation "token" (one normalizer for the whole batch, not per sequence).
+   Sequences with no loss tokens are not counted in the "sequence" normalizer, so dummy rows that
+   pad a rank's batch change nothing.
 5. KL to the reference: GRPO puts k3 in the loss; DAPO and Dr.GRPO drop it (kl_coef = 0). k3 is
    clamped for stability: the log ratio to +-K3_LOG_RATIO_CLAMP (exp cannot overflow) and the value
    to at most K3_VALUE_CLAMP (one far-off token cannot dominate; its gradient is then zero).
@@ -238,6 +239,14 @@ class LossNormalizers:
     policy: float  # units of update-subset samples (policy-gradient term), whole global batch
     regularizer: float  # units carrying KL and entropy, whole global batch
 
+    def check(self, aggregation: str, mask_kl_and_entropy_by_update: bool) -> None:
+        if (self.aggregation, self.mask_kl_and_entropy_by_update) != (aggregation, mask_kl_and_entropy_by_update):
+            raise ValueError(
+                f"normalizers were counted for aggregation={self.aggregation!r}, mask_kl_and_entropy_by_update="
+                f"{self.mask_kl_and_entropy_by_update}; the loss asks for {aggregation!r}, "
+                f"{mask_kl_and_entropy_by_update}: build them with loss_normalizers(...) and the same settings"
+            )
+
 
 def _policy_mask(loss_mask: Tensor, update_mask: Tensor | None) -> Tensor:  # -> [B, T] bool
     loss_mask = loss_mask.bool()
@@ -286,15 +295,7 @@ def grpo_loss(
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """loss = policy_loss + kl_coef * kl - entropy_coef * entropy, each aggregated over this piece
     and divided by the global normalizers. Metrics are detached float64 scalars, all additive."""
-    if (normalizers.aggregation, normalizers.mask_kl_and_entropy_by_update) != (
-        aggregation,
-        mask_kl_and_entropy_by_update,
-    ):
-        raise ValueError(
-            f"normalizers were counted for aggregation={normalizers.aggregation!r}, mask_kl_and_entropy_by_update="
-            f"{normalizers.mask_kl_and_entropy_by_update}; the loss asks for {aggregation!r}, "
-            f"{mask_kl_and_entropy_by_update}: build them with loss_normalizers(...) and the same settings"
-        )
+    normalizers.check(aggregation, mask_kl_and_entropy_by_update)
     if kl_coef != 0.0 and ref_logprobs is None:
         raise ValueError("kl_coef != 0 needs ref_logprobs")
     if entropy_coef != 0.0 and entropy is None:
@@ -302,22 +303,19 @@ def grpo_loss(
     loss_mask = loss_mask.bool()
     policy_mask = _policy_mask(loss_mask, update_mask)
     regularizer_mask = policy_mask if mask_kl_and_entropy_by_update else loss_mask
-    zero = logprobs.new_zeros(())
 
     # Outside the mask old log-probs are arbitrary (0 on the prompt); a ratio of exactly 1 there keeps
     # exp() finite, so a masked-out inf cannot turn into a NaN gradient.
     safe_old = torch.where(policy_mask, old_logprobs, logprobs.detach())
     per_token, clipped = clipped_surrogate(logprobs, safe_old, advantages, clip_low, clip_high)
     weights = torch.ones_like(per_token) if is_weights is None else torch.where(policy_mask, is_weights, 1.0)
-    per_token = per_token * weights
-    policy_loss = aggregate(per_token, policy_mask, normalizers.policy, aggregation)
+    policy_loss = aggregate(per_token * weights, policy_mask, normalizers.policy, aggregation)
 
-    kl = zero
+    kl = mean_entropy = logprobs.new_zeros(())
     if ref_logprobs is not None:
         safe_ref = torch.where(regularizer_mask, ref_logprobs, logprobs.detach())
         per_token_kl = kl_penalty(logprobs, safe_ref, kl_estimator)
         kl = aggregate(per_token_kl, regularizer_mask, normalizers.regularizer, aggregation)
-    mean_entropy = zero
     if entropy is not None:
         mean_entropy = aggregate(entropy, regularizer_mask, normalizers.regularizer, aggregation)
 
@@ -360,13 +358,3 @@ def sum_metrics(pieces: list[Mapping[str, Tensor | float]]) -> dict[str, Tensor 
     if any(set(p) != keys for p in pieces):
         raise ValueError("metric pieces have different keys; they came from different losses")
     return {k: sum(p[k] for p in pieces) for k in sorted(keys)}
-
-
-def finalize_metrics(summed: Mapping[str, Tensor | float]) -> dict[str, float]:
-    """Floats for logging, from metrics summed over every micro-batch and rank; adds clip_fraction."""
-    out = {k: float(v) for k, v in summed.items()}
-    if "clipped_tokens" in out:
-        out["clip_fraction"] = out["clipped_tokens"] / max(out["policy_tokens"], 1.0)
-    if "is_weight_sum" in out:
-        out["is_weight_mean"] = out.pop("is_weight_sum") / max(out["policy_tokens"], 1.0)
-    return out

@@ -8,7 +8,7 @@ logits and a [B, T] logsumexp, never a full fp32 [B, T, V] tensor.
 
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from torch import Tensor
@@ -29,8 +29,28 @@ def _blocks(rows: int, cols: int, chunk_tokens: int) -> Iterator[tuple[slice, sl
             yield slice(r0, min(r0 + rows_per, rows)), slice(c0, min(c0 + cols_per, cols))
 
 
-def _compute_dtype(logits: Tensor) -> torch.dtype:
-    return torch.promote_types(logits.dtype, torch.float32)  # bf16/fp16/fp32 -> fp32; fp64 stays
+def _forward(logits: Tensor, temperature: float, chunk_tokens: int,
+             value: Callable[[Tensor, Tensor, slice, slice], Tensor]) -> tuple[Tensor, Tensor]:
+    """out[:, t] = value(z, lse, rows, columns) of the block that predicts t, where z [b, l, V] is
+    logits / temperature in fp32 (fp64 stays) and lse its logsumexp; out[:, 0] = 0. Returns (out, lse)."""
+    B, T, _ = logits.shape
+    dtype = torch.promote_types(logits.dtype, torch.float32)
+    out = torch.zeros(B, T, dtype=dtype, device=logits.device)
+    lse = torch.zeros(B, T, dtype=dtype, device=logits.device)  # at the predicting position
+    for r, c in _blocks(B, T - 1, chunk_tokens):
+        z = logits[r, c].to(dtype) / temperature
+        lse[r, c] = torch.logsumexp(z, dim=-1)
+        out[r, c.start + 1 : c.stop + 1] = value(z, lse[r, c], r, c)
+    return out, lse
+
+
+def _backward_blocks(ctx, grad_out: Tensor, logits: Tensor, lse: Tensor) -> Iterator[tuple[slice, slice, Tensor, Tensor]]:
+    """Per block: its rows and predicting columns, the gradient of the positions they predict [b, l, 1]
+    (divided by the temperature), and a fresh log-softmax block [b, l, V] to update in place."""
+    B, T, _ = logits.shape
+    for r, c in _blocks(B, T - 1, ctx.chunk_tokens):
+        g = grad_out[r, c.start + 1 : c.stop + 1].to(lse.dtype).unsqueeze(-1) / ctx.temperature
+        yield r, c, g, (logits[r, c].to(lse.dtype) / ctx.temperature).sub_(lse[r, c].unsqueeze(-1))
 
 
 class _TokenLogprobs(torch.autograd.Function):
@@ -42,17 +62,9 @@ class _TokenLogprobs(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits: Tensor, input_ids: Tensor, temperature: float, chunk_tokens: int):
-        B, T, _ = logits.shape
-        dtype = _compute_dtype(logits)
-        out = torch.zeros(B, T, dtype=dtype, device=logits.device)
-        lse = torch.zeros(B, T, dtype=dtype, device=logits.device)  # at the predicting position
         targets = input_ids[:, 1:].long()  # [B, T-1]
-        for r, c in _blocks(B, T - 1, chunk_tokens):
-            z = logits[r, c].to(dtype) / temperature  # [b, l, V]
-            block_lse = torch.logsumexp(z, dim=-1)
-            picked = z.gather(-1, targets[r, c].unsqueeze(-1)).squeeze(-1)
-            out[r, c.start + 1 : c.stop + 1] = picked - block_lse
-            lse[r, c] = block_lse
+        out, lse = _forward(logits, temperature, chunk_tokens,
+                            lambda z, lse, r, c: z.gather(-1, targets[r, c].unsqueeze(-1)).squeeze(-1) - lse)
         ctx.save_for_backward(logits, targets, lse)
         ctx.temperature, ctx.chunk_tokens = temperature, chunk_tokens
         return out
@@ -62,12 +74,9 @@ class _TokenLogprobs(torch.autograd.Function):
         logits, targets, lse = ctx.saved_tensors
         if not ctx.needs_input_grad[0]:
             return None, None, None, None
-        B, T, _ = logits.shape
         grad = torch.zeros_like(logits)  # the last position predicts nothing: zero
-        for r, c in _blocks(B, T - 1, ctx.chunk_tokens):
-            g = grad_out[r, c.start + 1 : c.stop + 1].to(lse.dtype).unsqueeze(-1) / ctx.temperature  # [b, l, 1]
-            d = logits[r, c].to(lse.dtype) / ctx.temperature  # a fresh [b, l, V] block, updated in place
-            d.sub_(lse[r, c].unsqueeze(-1)).exp_().mul_(-g)  # d logp / dz = onehot - softmax
+        for r, c, g, d in _backward_blocks(ctx, grad_out, logits, lse):
+            d.exp_().mul_(-g)  # d logp / dz = onehot - softmax
             d.scatter_add_(-1, targets[r, c].unsqueeze(-1), g)
             grad[r, c] = d  # casts back to the logits' dtype
         return grad, None, None, None
@@ -78,16 +87,9 @@ class _Entropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits: Tensor, temperature: float, chunk_tokens: int):
-        B, T, _ = logits.shape
-        dtype = _compute_dtype(logits)
-        out = torch.zeros(B, T, dtype=dtype, device=logits.device)
-        lse = torch.zeros(B, T, dtype=dtype, device=logits.device)
-        for r, c in _blocks(B, T - 1, chunk_tokens):
-            z = logits[r, c].to(dtype) / temperature
-            block_lse = torch.logsumexp(z, dim=-1)
-            p = torch.exp(z - block_lse.unsqueeze(-1))
-            out[r, c.start + 1 : c.stop + 1] = torch.special.entr(p).sum(-1)  # entr(0) = 0
-            lse[r, c] = block_lse
+        # entr(0) = 0: a -inf logit adds nothing.
+        out, lse = _forward(logits, temperature, chunk_tokens,
+                            lambda z, lse, r, c: torch.special.entr(torch.exp(z - lse.unsqueeze(-1))).sum(-1))
         ctx.save_for_backward(logits, lse, out)
         ctx.temperature, ctx.chunk_tokens = temperature, chunk_tokens
         return out
@@ -97,16 +99,11 @@ class _Entropy(torch.autograd.Function):
         logits, lse, entropy = ctx.saved_tensors
         if not ctx.needs_input_grad[0]:
             return None, None, None
-        B, T, _ = logits.shape
         grad = torch.zeros_like(logits)
-        for r, c in _blocks(B, T - 1, ctx.chunk_tokens):
-            shifted = (r, slice(c.start + 1, c.stop + 1))
-            g = grad_out[shifted].to(lse.dtype).unsqueeze(-1) / ctx.temperature  # [b, l, 1]
-            d = logits[r, c].to(lse.dtype) / ctx.temperature  # a fresh block, becomes log p in place
-            d.sub_(lse[r, c].unsqueeze(-1))
+        for r, c, g, d in _backward_blocks(ctx, grad_out, logits, lse):
             p = d.exp()
             # dH/dz_i = -p_i (log p_i + H); where p_i == 0 (a -inf logit) the term is 0, not NaN.
-            d.add_(entropy[shifted].unsqueeze(-1)).mul_(p).masked_fill_(p == 0, 0.0).mul_(-g)
+            d.add_(entropy[r, c.start + 1 : c.stop + 1].unsqueeze(-1)).mul_(p).masked_fill_(p == 0, 0.0).mul_(-g)
             grad[r, c] = d
         return grad, None, None
 

@@ -62,6 +62,15 @@ def test_a_reference_made_of_words_is_not_an_answer(tmp_path, caplog):
     assert "'the answer is seven'" in caplog.text
 
 
+def test_a_skipped_dataset_row_is_warned_about_once(tmp_path, caplog):
+    path = _dataset(tmp_path, ["1", "2", "3"])
+    path.write_text(path.read_text() + '{"question": "no answer?"}\n')
+    cfg = load_config(None, ["tasks.source=dataset", f"tasks.path={path}", "tasks.eval_count=1"])
+    check_inputs(cfg)
+    skips = [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()]
+    assert skips == [f"{path}: skipped 1 bad rows of 4 (1 x field 'answer' is missing)"]
+
+
 def test_unparsable_reference_answers_stop_the_load_in_fail_mode(tmp_path):
     cfg = load_config(None, ["tasks.source=dataset", f"tasks.path={_dataset(tmp_path, ['42', '}{'])}",
                              "tasks.eval_count=1", "tasks.on_bad_row=fail"])

@@ -16,7 +16,6 @@ from innerloop.learners.grpo import (
     aggregate,
     clipped_surrogate,
     count_units,
-    finalize_metrics,
     global_normalizer,
     group_advantages,
     grpo_loss,
@@ -26,9 +25,15 @@ from innerloop.learners.grpo import (
     sum_metrics,
     update_subset_mask,
 )
+from innerloop.distributed.records import PolicySums
 from innerloop.learners.logprobs import entropy_from_logits, token_logprobs
 
 # ---------------------------------------------------------------- fixtures
+
+
+def logged(metrics) -> dict[str, float]:
+    """grpo_loss's metrics as the learner logs them (PolicySums.record); the learner adds the sampler gap."""
+    return PolicySums(**{k: float(v) for k, v in metrics.items()}, sampler_gap_sum=0.0).record()
 
 
 def make_batch(seed: int = 0, dtype=torch.float64):
@@ -275,8 +280,8 @@ def test_two_half_batches_sum_to_full_loss_and_gradient(aggregation, mask_by_upd
 
     torch.testing.assert_close(total, full_loss.detach(), atol=1e-12, rtol=0)
     torch.testing.assert_close(split_logits.grad, full_logits.grad, atol=1e-12, rtol=0)
-    summed = finalize_metrics(sum_metrics(pieces))
-    for key, value in finalize_metrics(full_metrics).items():
+    summed = logged(sum_metrics(pieces))
+    for key, value in logged(full_metrics).items():
         assert summed[key] == pytest.approx(value, abs=1e-12), key
 
 
@@ -368,7 +373,7 @@ def test_on_policy_loss_is_minus_mean_advantage_per_token():
                               clip_low=0.2, clip_high=0.2, aggregation="token")
     expected = -(batch["advantages"].unsqueeze(1).expand_as(mask)[mask]).mean()
     torch.testing.assert_close(loss, expected)
-    assert finalize_metrics(metrics)["clip_fraction"] == 0.0
+    assert logged(metrics)["clip_fraction"] == 0.0
 
 
 # ---------------------------------------------------------------- SFT

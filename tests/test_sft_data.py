@@ -52,7 +52,7 @@ def test_file_round_trip(tmp_path: Path):
     path = tmp_path / "t.jsonl"
     write_trajectory_file(path, written)
     loaded = load_trajectory_file(path)
-    assert loaded.trajectories == written  # the completion's whitespace is kept exactly
+    assert loaded.items == written  # the completion's whitespace is kept exactly
     assert loaded.skipped == 0 and loaded.skip_reasons == {}
 
 
@@ -76,8 +76,8 @@ def bad_file(tmp_path: Path) -> Path:
 
 def test_bad_lines_are_skipped_and_counted(tmp_path: Path):
     loaded = load_trajectory_file(bad_file(tmp_path))
-    assert [t.question_id for t in loaded.trajectories] == ["q1", "q2"]
-    assert loaded.trajectories[0] == SftTrajectory("q1", "What is 3 + 4?", "7", "\\boxed{7}")  # a number answer is text
+    assert [t.question_id for t in loaded.items] == ["q1", "q2"]
+    assert loaded.items[0] == SftTrajectory("q1", "What is 3 + 4?", "7", "\\boxed{7}")  # a number answer is text
     assert loaded.skipped == 6
     assert loaded.skip_reasons == {
         "the line is not valid JSON (Expecting property name enclosed in double quotes)": 1,

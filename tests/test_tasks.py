@@ -197,9 +197,9 @@ def test_load_maps_fields_and_skips_bad_rows(fmt: str, tmp_path: Path, caplog: p
     path = write(tmp_path / name, ROWS)
     with caplog.at_level(logging.WARNING):
         loaded = load_dataset_questions(path, **FIELDS)
-    assert [q.question_id for q in loaded.questions] == ["a", "b", "e"]
-    assert loaded.questions[0] == Question("a", "What is 1 + 1?", "2", "1 + 1 = 2. \\boxed{2}")
-    assert loaded.questions[1].solution == ""
+    assert [q.question_id for q in loaded.items] == ["a", "b", "e"]
+    assert loaded.items[0] == Question("a", "What is 1 + 1?", "2", "1 + 1 = 2. \\boxed{2}")
+    assert loaded.items[1].solution == ""
     assert loaded.skipped == 2
     assert loaded.skip_reasons == {"field 'final' is missing": 1, "field 'final' is empty": 1}
     assert "skipped 2 bad rows of 5" in caplog.text
@@ -226,7 +226,7 @@ def test_jsonl_odd_lines_are_bad_rows(tmp_path: Path) -> None:
     path = tmp_path / "odd.jsonl"
     path.write_text('{"question": "q1", "answer": "1"}\n\nnot json\n[1, 2]\n{"question": "q2", "answer": 2}\n')
     loaded = load_dataset_questions(path)
-    assert [(q.question_id, q.answer) for q in loaded.questions] == [("odd-0", "1"), ("odd-3", "2")]
+    assert [(q.question_id, q.answer) for q in loaded.items] == [("odd-0", "1"), ("odd-3", "2")]
     assert loaded.skipped == 2
     with pytest.raises(BadRowError, match="line 3: the line is not valid JSON"):
         load_dataset_questions(path, on_bad_row="fail")
@@ -240,7 +240,7 @@ def test_dataset_dict_needs_a_split(tmp_path: Path) -> None:
     splits.save_to_disk(str(tmp_path / "splits"))
     with pytest.raises(ValueError, match="train, test; choose one with split=NAME"):
         load_dataset_questions(tmp_path / "splits")
-    test = load_dataset_questions(tmp_path / "splits", split="test").questions
+    test = load_dataset_questions(tmp_path / "splits", split="test").items
     assert [q.question_id for q in test] == ["splits-test-0"]
 
 

@@ -23,10 +23,8 @@ def load_questions(cfg: TaskConfig, verify_answers: bool = False) -> tuple[list[
     if cfg.source == "synthetic":
         return tasks.generate_train_eval(cfg.kind, cfg.train_count, cfg.eval_count, cfg.seed, cfg.difficulty)
     loaded = tasks.load_dataset_questions(cfg.path, cfg.question_field, cfg.answer_field,
-                                          id_field=cfg.id_field, on_bad_row=cfg.on_bad_row)
-    if loaded.skipped:
-        log.warning("skipped %d dataset rows of %s: %s", loaded.skipped, cfg.path, loaded.skip_reasons)
-    questions = _with_parsable_answers(loaded.questions, cfg) if verify_answers else loaded.questions
+                                          id_field=cfg.id_field, on_bad_row=cfg.on_bad_row).items
+    questions = _with_parsable_answers(loaded, cfg) if verify_answers else loaded
     train, held_out = tasks.split_train_eval(questions, cfg.eval_count, cfg.seed)
     if not train:
         raise ValueError(f"no training questions left after holding out {cfg.eval_count} for evaluation; "

