@@ -33,8 +33,8 @@ def main(argv: list[str] | None = None) -> int:
     except RunStopped as exc:  # the run stopped itself, said why, and left its checkpoint intact
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("interrupted; the last checkpoint in the run directory is intact", file=sys.stderr)
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM's grace period spent
+        print(f"{exc or 'interrupted'}", file=sys.stderr)
         return 130
 
 
@@ -175,17 +175,50 @@ def _train(args) -> int:
     resume = bool(args.resume)
     if existing is not None and not resume:
         resume = _offer_resume(run_dir, existing)
+    started_before = (run_dir / "config.yaml").is_file()
+    if resume and existing is None and not started_before:
+        raise ConfigError(f"--resume was given but {run_dir} holds no run (no config.yaml, no checkpoint)")
     if resume and existing is None:
-        raise ConfigError(f"--resume was given but {run_dir} holds no complete checkpoint")
+        log.info("%s holds no checkpoint yet: the run starts again from step 0, with its own config", run_dir)
     config = args.config
-    if resume and config is None and (run_dir / "config.yaml").is_file():
+    if resume and config is None and started_before:
         config = run_dir / "config.yaml"  # the run's own resolved config: no need to repeat overrides
     cfg = load_config(config, args.overrides)
     log.info("run directory: %s", run_dir.resolve())
-    with _quiet(args.verbose, run_dir / "output.log"):
-        result = Trainer(cfg, run_dir, address=args.address, resume=resume).train()
+    trainer = Trainer(cfg, run_dir, address=args.address, resume=resume)
+    trainer.prepare()  # every check and the run directory's lock, before anything is written there
+    try:
+        with _quiet(args.verbose, run_dir / "output.log"):
+            result = trainer.train()
+    except KeyboardInterrupt as exc:
+        raise KeyboardInterrupt(_interrupted(run_dir, exc)) from None
+    finally:
+        _stop_ray()
+    if result.stopped:  # 128 + SIGTERM: a scheduler sees the run did not finish
+        print(f"stopped by SIGTERM after step {result.steps_done}, which is saved: "
+              f"`innerloop train --resume {run_dir}` continues", file=sys.stderr)
+        return 143
     _print_summary(result, run_dir)
     return 0
+
+
+def _interrupted(run_dir: Path, exc: KeyboardInterrupt) -> str:
+    """What an interrupted run left: true whether or not it had checkpointed."""
+    from innerloop.distributed.state import checkpoints
+
+    why = f"interrupted ({exc})" if str(exc) else "interrupted"
+    latest = checkpoints.latest(run_dir / "checkpoints")
+    if latest is None:
+        return f"{why} before the first checkpoint; `innerloop train --resume {run_dir}` starts the run again"
+    return f"{why}; checkpoint {latest.name} in {run_dir} is intact: `innerloop train --resume {run_dir}` continues"
+
+
+def _stop_ray() -> None:
+    """The command started its own Ray (or joined one): leave nothing of it running."""
+    if "ray" in sys.modules:
+        from innerloop.distributed.cluster.placement import stop_ray
+
+        stop_ray()
 
 
 def _run_dir(args) -> Path:

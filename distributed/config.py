@@ -239,6 +239,9 @@ class TrainConfig(_Section):
     # Any number the step logs; eval_accuracy counts when eval.every lines up with checkpoint_every.
     best_metric: str = "reward_mean"
     best_mode: Literal["max", "min"] = "max"
+    # On SIGTERM (Slurm, Kubernetes) the run stops after the step in progress and checkpoints it, within
+    # this many seconds; past them it stops where it is and keeps the last complete checkpoint.
+    stop_grace_s: float = Field(25.0, gt=0.0)
 
 
 class SftConfig(_Section):

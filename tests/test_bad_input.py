@@ -18,7 +18,7 @@ import pytest
 from innerloop.distributed.config import ConfigError
 
 from innerloop.distributed.config_load import load_config
-from innerloop.distributed.run.driver import check_inputs
+from innerloop.distributed.run.checks import check_inputs
 
 
 def test_a_config_file_cut_off_mid_write_fails_naming_the_file(tmp_path):

@@ -768,6 +768,9 @@ def test_cli_train_refuses_a_run_dir_with_a_checkpoint_unless_resume(tmp_path, m
         def __init__(self, cfg, run_dir, address=None, resume=False):
             started.append((Path(run_dir), resume))
 
+        def prepare(self):
+            pass
+
         def train(self):
             return TrainResult(3, None, None, None, 0.0)
 
@@ -775,7 +778,11 @@ def test_cli_train_refuses_a_run_dir_with_a_checkpoint_unless_resume(tmp_path, m
     run = tmp_path / "run"
     (run / "checkpoints" / ".partial-step-000003").mkdir(parents=True)  # half-written: not a checkpoint
     assert cli.main(["train", "--run-dir", str(run), "--resume"]) == 2
-    assert "holds no complete checkpoint" in capsys.readouterr().err
+    assert "holds no run (no config.yaml, no checkpoint)" in capsys.readouterr().err
+    (run / "config.yaml").write_text("train:\n  steps: 3\n")  # a run that stopped before its first checkpoint
+    assert cli.main(["train", "--run-dir", str(run), "--resume"]) == 0  # starts again from step 0
+    assert started.pop() == (run, True)
+    (run / "config.yaml").unlink()
 
     (run / "checkpoints" / "step-000002").mkdir()
     (run / "checkpoints" / "step-000002" / "state.json").write_text("{}")

@@ -154,6 +154,9 @@ def test_cli_offers_to_resume_a_run_dir_with_a_checkpoint_at_a_terminal(tmp_path
         def __init__(self, cfg, run_dir, address=None, resume=False):
             started.append((cfg.train.steps, resume))
 
+        def prepare(self):
+            pass
+
         def train(self):
             from innerloop.distributed.run.driver import TrainResult
 

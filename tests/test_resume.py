@@ -112,3 +112,39 @@ def test_kill_9_then_resume_repeats_the_uninterrupted_run_exactly_once(tmp_path)
     assert ledger == RunDir(plain).read_ledger()
     consumed = [q for record in ledger for q in record["questions"]]
     assert len(consumed) == len(set(consumed)) == STEPS * 4  # within one epoch: every question once
+
+
+def _session_processes(session: int) -> list:
+    import psutil
+
+    alive = []
+    for process in psutil.process_iter():
+        try:
+            if os.getsid(process.pid) == session and process.status() != psutil.STATUS_ZOMBIE:
+                alive.append(process)
+        except (ProcessLookupError, psutil.Error):
+            pass
+    return alive
+
+
+@pytest.mark.integration
+def test_sigterm_stops_after_the_step_saves_it_and_leaves_no_process(tmp_path):
+    """What Slurm and Kubernetes send before SIGKILL: the run saves its last step and exits cleanly."""
+    model = build_tiny_model(tmp_path / "model")
+    run = tmp_path / "run"
+    overrides = [*_overrides(model), "train.steps=50", "train.checkpoint_every=20"]
+    job = _job(["--run-dir", str(run), *sum((["--set", o] for o in overrides), [])], tmp_path / "run.log")
+    deadline = time.monotonic() + JOB_TIMEOUT_S
+    while not _steps(run) and job.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _steps(run), f"no step logged:\n{(tmp_path / 'run.log').read_text()[-4000:]}"
+    job.send_signal(signal.SIGTERM)  # the driver only, as a scheduler does first
+    code = job.wait(timeout=120)
+    log = (tmp_path / "run.log").read_text()
+    assert code == 143, log[-4000:]
+    last = max(_steps(run))
+    assert last < 50 and (run / "checkpoints" / f"step-{last:06d}" / "manifest.json").is_file()
+    assert f"stopped by SIGTERM after step {last}, which is saved" in log
+    assert not list((run / "checkpoints").glob(".partial-*")) and not (run / ".lock").exists()
+    time.sleep(2)  # Ray's last processes exit right after the driver
+    assert not _session_processes(job.pid), [p.name() for p in _session_processes(job.pid)]

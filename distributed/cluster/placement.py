@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+from pathlib import Path
 
 import ray
 from ray.util.placement_group import placement_group
@@ -24,18 +25,33 @@ PLACEMENT_TIMEOUT_S = 300.0
 
 
 def start_ray(address: str | None) -> None:
-    """Join the cluster at `address` ("auto" for the one `ray start` made), or start a local one."""
+    """Join the cluster at `address` ("auto" for the one `ray start` made), or start a local one:
+    always our own without `address`, even where a `ray start` cluster runs on the machine."""
     if ray.is_initialized():
         return
     # Every actor sees all the machine's cores: Ray's default of OMP_NUM_THREADS=1 per actor would
     # leave one core idle in each phase, since generation and update take turns on the same cores.
     env = {"env_vars": {"OMP_NUM_THREADS": str(os.cpu_count() or 1), "TOKENIZERS_PARALLELISM": "false"}}
-    if address:
+    if address:  # a cluster's resources are its own: joining passes none
         ray.init(address=address, runtime_env=env, log_to_driver=True)
     else:
         # Logical CPUs only: rollout engines and learners take turns on the cores, so let them share.
-        ray.init(num_cpus=max(8, os.cpu_count() or 1), include_dashboard=False, runtime_env=env,
+        ray.init(address="local", num_cpus=max(8, os.cpu_count() or 1), include_dashboard=False, runtime_env=env,
                  log_to_driver=True)
+    _private_token()
+
+
+def _private_token() -> None:
+    """Ray writes its cluster token readable by every user of the machine; only its owner needs it."""
+    token = Path(os.environ.get("RAY_AUTH_TOKEN_PATH", Path.home() / ".ray" / "auth_token"))
+    if token.is_file() and token.stat().st_mode & 0o077:
+        token.chmod(0o600)
+
+
+def stop_ray() -> None:
+    """End this process's Ray: a local cluster it started stops with every process of it."""
+    if ray.is_initialized():
+        ray.shutdown()
 
 
 def free_port() -> int:

@@ -24,20 +24,18 @@ from innerloop.distributed.records import UpdateMetrics
 from innerloop.distributed.run import sft_stage
 from innerloop.distributed.run.prefetch import Prefetch, staleness_bound
 from innerloop.distributed.run.progress import StepDisplay
-from innerloop.distributed.run.questions import QuestionStream, load_questions
+from innerloop.distributed.run.checks import CheckedInputs, check_run
+from innerloop.distributed.run.questions import QuestionStream
 from innerloop.distributed.run.samples import (build_samples, group_advantages, group_by_question, loss_normalizers,
                                                sft_normalizer)
 from innerloop.distributed.run.sft_stage import SftSchedule
 from innerloop.distributed.run.step_record import PhaseTimer, RolloutSummary, StepRecord
+from innerloop.distributed.run.stopping import StopOnTerm
 from innerloop.distributed.state import checkpoints
 from innerloop.distributed.state.model_prep import resolve_model
 from innerloop.distributed.state.tracking import RunDir
 
 log = logging.getLogger(__name__)
-
-# Reward kinds that score by comparing the completion's answer with the reference via the verifier.
-VERIFIER_REWARDS = ("correctness", "four_way", "correct_plus_format")
-
 
 @dataclass(frozen=True)
 class TrainResult:
@@ -46,6 +44,7 @@ class TrainResult:
     accuracy_after: float | None
     final_model: Path | None
     seconds: float
+    stopped: bool = False  # by SIGTERM, after saving its last step
 
 
 class NonFiniteSteps(RunStopped):
@@ -55,41 +54,62 @@ class NonFiniteSteps(RunStopped):
 class Trainer:
     def __init__(self, cfg: Config, run_dir: str | Path, address: str | None = None, resume: bool = False):
         self.cfg = cfg
-        self.run = RunDir(run_dir)
+        self._run_dir = Path(run_dir)
+        self.run: RunDir | None = None  # made once every start-up check has passed
         self._address = address
         self._resume = resume
         self._nonfinite_steps = 0
         self._last_metric: float | None = None  # train.best_metric's latest value, for best checkpoints
+        self._inputs: CheckedInputs | None = None
+        self._stop = StopOnTerm(cfg.train.stop_grace_s)
+
+    def prepare(self) -> None:
+        """Every start-up check, then the run directory's lock; nothing is written to it before both
+        pass. `train` calls it; the CLI calls it first, so these checks' messages reach the terminal."""
+        if self._inputs is None:
+            inputs = check_run(self.cfg)
+            self.run = RunDir(self._run_dir)
+            self.run.lock.acquire()
+            self._inputs = inputs
 
     def train(self, actors: "fleet.Fleet | None" = None) -> TrainResult:
         """Run the steps. `actors`: an already-started fleet to train with (the integration tests share
         one across runs); the caller keeps it and shuts it down. Default: start one, shut it down after."""
         started = time.perf_counter()
-        cfg, run = self.cfg, self.run
-        run.write_config(cfg)
-        train_questions, eval_questions = check_inputs(cfg)
-        log.info("%d training and %d held-out questions", len(train_questions), len(eval_questions))
-        model_path = resolve_model(cfg.model.name)
-        self._sft = self._sft_schedule(train_questions, model_path)  # before the fleet: a teacher needs memory
-        owned = actors is None
-        if owned:
-            actors = fleet.Fleet.start(cfg, model_path, self._address)
-        actors.watchdog.dump_dir = run.stacks
+        self.prepare()
+        cfg, run, inputs = self.cfg, self.run, self._inputs
+        log.info("%d training and %d held-out questions", len(inputs.train), len(inputs.held_out))
         try:
-            start_step, stream = self._restore(actors, train_questions, self._resume)
-            before = after = None
-            if cfg.eval.before_and_after and start_step == 0:
-                before = self._evaluate(actors, eval_questions, start_step, "before")
-            step = self._loop_with_recovery(actors, train_questions, start_step, stream, started, eval_questions)
-            if cfg.eval.before_and_after:
-                after = self._evaluate(actors, eval_questions, step, "after")
-            final = self._export(actors, step)
-            run.log({"event": "done", "seconds": time.perf_counter() - started,
-                     "accuracy_before": before, "accuracy_after": after}, step)
-        finally:
+            self._sft = self._sft_schedule(inputs.train, inputs.model_path)  # before the fleet: a teacher needs memory
+            run.write_config(cfg)
+            owned = actors is None
             if owned:
-                actors.shutdown()
+                actors = fleet.Fleet.start(cfg, inputs.model_path, self._address)
+            try:
+                actors.watchdog.dump_dir = run.stacks
+                with self._stop:  # after Ray's start: ray.init sets a SIGTERM handler of its own
+                    return self._train(actors, inputs, started)
+            finally:
+                if owned:
+                    actors.shutdown()
+        finally:
             run.close()
+
+    def _train(self, actors: "fleet.Fleet", inputs: CheckedInputs, started: float) -> TrainResult:
+        cfg, run = self.cfg, self.run
+        start_step, stream = self._restore(actors, inputs.train, self._resume)
+        before = after = final = None
+        if cfg.eval.before_and_after and start_step == 0:
+            before = self._evaluate(actors, inputs.held_out, start_step, "before")
+        step = self._loop_with_recovery(actors, inputs.train, start_step, stream, started, inputs.held_out)
+        if self._stop.requested:  # SIGTERM: the last step is saved; evaluating and exporting would not fit
+            run.log({"event": "stopped", "reason": "SIGTERM", "seconds": time.perf_counter() - started}, step)
+            return TrainResult(step, before, None, None, time.perf_counter() - started, stopped=True)
+        if cfg.eval.before_and_after:
+            after = self._evaluate(actors, inputs.held_out, step, "after")
+        final = self._export(actors, step)
+        run.log({"event": "done", "seconds": time.perf_counter() - started,
+                 "accuracy_before": before, "accuracy_after": after}, step)
         return TrainResult(step, before, after, final, time.perf_counter() - started)
 
     def _restore(self, actors: "fleet.Fleet", train_questions, from_checkpoint: bool) -> tuple[int, QuestionStream]:
@@ -144,7 +164,7 @@ class Trainer:
         step, last = start_step, cfg.total_steps
         ahead = Prefetch(actors.rollouts, stream, cfg, self._step_seed, first_step=max(start_step, cfg.sft.steps))
         with StepDisplay(total=last, done=start_step) as display:
-            while step < last and not self._out_of_time(started):
+            while step < last and not self._out_of_time(started) and not self._stop.requested:
                 if step < cfg.sft.steps:  # the SFT stage first; GRPO takes over by itself after it
                     question_ids, trajectories, result = self._sft_step(actors, step)
                 else:
@@ -348,20 +368,3 @@ def _as_random_state(saved) -> tuple:
     """random.getstate() comes back from JSON as nested lists; setstate wants tuples."""
     version, internal, gauss = saved
     return version, tuple(internal), gauss
-
-
-def check_inputs(cfg: Config):
-    """Fail before any actor starts on inputs that cannot work: the questions and the reward function.
-
-    Returns (training, held-out) questions. Problems come back as ConfigError, in the user's terms.
-    """
-    from innerloop.actors.rewards import RewardConfigError, build_reward_fn
-
-    try:
-        build_reward_fn(cfg.reward.kind, cfg.reward.answer_pattern, cfg.reward.format_weight, cfg.reward.custom)
-    except RewardConfigError as exc:
-        raise ConfigError(f"reward: {exc}") from None
-    try:
-        return load_questions(cfg.tasks, verify_answers=cfg.reward.kind in VERIFIER_REWARDS)
-    except (ValueError, FileNotFoundError) as exc:
-        raise ConfigError(f"tasks: {exc}") from None

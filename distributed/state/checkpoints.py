@@ -101,8 +101,8 @@ def save(root: Path, state: DriverState, fleet, keep: int, keep_best: int = 0, b
             (partial / name).write_bytes(data)  # fsynced as the manifest hashes it
         _write_synced(partial / MANIFEST, json.dumps(_manifest(partial, state, best_mode), indent=2))
         _sync_folders(partial)
-    except Exception as exc:
-        disk_full = _is_disk_full(exc, root)  # asked before the partial folder's space is given back
+    except BaseException as exc:  # Ctrl-C and SIGTERM's grace running out too: no partial folder stays
+        disk_full = isinstance(exc, Exception) and _is_disk_full(exc, root)  # before its space is given back
         shutil.rmtree(partial, ignore_errors=True)
         if isinstance(exc, OSError) or disk_full:
             raise CheckpointError(_save_failed_message(root, state.step, partial, exc, disk_full)) from exc

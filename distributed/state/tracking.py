@@ -24,12 +24,14 @@ from typing import Any
 import yaml
 
 from innerloop.distributed.config import Config
+from innerloop.distributed.state.lock import RunLock
 
 
 class RunDir:
     def __init__(self, path: str | Path):
         self.path = Path(path).resolve()
-        self.path.mkdir(parents=True, exist_ok=True)
+        self.lock = RunLock(self.path)  # makes the folder too, with a clear error where it cannot
+        self.lock.make_folder()
         self.checkpoints = self.path / "checkpoints"
         self.final_model = self.path / "final_model"
         self.metrics_file = self.path / "metrics.jsonl"
@@ -43,8 +45,11 @@ class RunDir:
         self._purge_step: int | None = None
 
     def write_config(self, cfg: Config) -> None:
+        """Written whole, then renamed over the old one: a crash never leaves half a config."""
         text = yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
-        (self.path / "config.yaml").write_text(f"# resolved config, fingerprint {cfg.fingerprint()}\n{text}")
+        partial = self.path / "config.yaml.partial"
+        partial.write_text(f"# resolved config, fingerprint {cfg.fingerprint()}\n{text}")
+        partial.replace(self.path / "config.yaml")
 
     def log(self, record: dict[str, Any], step: int) -> None:
         """Append one record to metrics.jsonl and mirror its numbers to TensorBoard."""
@@ -125,6 +130,7 @@ class RunDir:
     def close(self) -> None:
         if self._writer is not None:
             self._writer.close()
+        self.lock.release()
 
 
 def _plain(value: Any) -> Any:

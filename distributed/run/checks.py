@@ -1,0 +1,78 @@
+"""Start-up checks: everything about a run that can be checked before any actor starts and before
+anything is written to its run directory. Problems are ConfigError, in the user's terms."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from innerloop.distributed.config import Config, ConfigError
+from innerloop.distributed.records import Question
+from innerloop.distributed.run.questions import fitting_prompts, load_questions
+from innerloop.distributed.state.model_prep import resolve_model
+
+# Reward kinds that score by comparing the completion's answer with the reference via the verifier.
+VERIFIER_REWARDS = ("correctness", "four_way", "correct_plus_format")
+
+
+@dataclass(frozen=True)
+class CheckedInputs:
+    model_path: str
+    train: list[Question]
+    held_out: list[Question]
+
+
+def check_run(cfg: Config) -> CheckedInputs:
+    """The reward, the questions, the model folder, every prompt's length and the memory asked for."""
+    train, held_out = check_inputs(cfg)
+    model_path = resolve_model(cfg.model.name)
+    train, held_out = _fitting(cfg, model_path, train), _fitting(cfg, model_path, held_out)
+    _check_pool(cfg, train)
+    _check_memory(cfg)
+    return CheckedInputs(model_path, train, held_out)
+
+
+def check_inputs(cfg: Config) -> tuple[list[Question], list[Question]]:
+    """The reward function builds and the questions load: (training, held-out) questions."""
+    from innerloop.actors.rewards import RewardConfigError, build_reward_fn
+
+    try:
+        build_reward_fn(cfg.reward.kind, cfg.reward.answer_pattern, cfg.reward.format_weight, cfg.reward.custom)
+    except RewardConfigError as exc:
+        raise ConfigError(f"reward: {exc}") from None
+    try:
+        return load_questions(cfg.tasks, verify_answers=cfg.reward.kind in VERIFIER_REWARDS)
+    except (ValueError, FileNotFoundError) as exc:
+        raise ConfigError(f"tasks: {exc}") from None
+
+
+def _fitting(cfg: Config, model_path: str, questions: list[Question]) -> list[Question]:
+    from transformers import AutoTokenizer
+
+    try:
+        kept = fitting_prompts(questions, cfg, model_path, AutoTokenizer.from_pretrained(model_path))
+    except ValueError as exc:
+        raise ConfigError(f"tasks: {exc}") from None
+    if questions and not kept:
+        raise ConfigError(f"tasks: no question fits in rollout.max_model_len={cfg.rollout.max_model_len} tokens "
+                          "with its prompt; raise rollout.max_model_len or shorten tasks.system_prompt")
+    return kept
+
+
+def _check_pool(cfg: Config, train: list[Question]) -> None:
+    wanted = max(cfg.rollout.questions_per_step, cfg.sft.questions_per_step if cfg.sft.steps else 0)
+    if wanted > len(train):
+        raise ConfigError(f"a step takes {wanted} distinct questions (rollout.questions_per_step, "
+                          f"sft.questions_per_step) but the training pool holds {len(train)}; lower it, "
+                          "or add questions (tasks.train_count, or a larger dataset)")
+
+
+def _check_memory(cfg: Config) -> None:
+    """On a machine without GPUs every engine's KV cache comes out of its host memory."""
+    kv = cfg.rollout.kv_cache_gib
+    if kv is None or cfg.rollout.gpus_per_worker > 0 or not hasattr(os, "sysconf"):
+        return
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    if kv >= total:
+        raise ConfigError(f"rollout.kv_cache_gib={kv:g} asks for more KV cache than this machine has memory "
+                          f"({total:.1f} GiB); lower it (2 GiB serves the demo)")
