@@ -169,11 +169,6 @@ def check_answer(completion: str, reference: str, answer_pattern: str | None = N
     return AnswerCheck(formatted=True, correct=answers_match(answer, reference))
 
 
-def last_number_matches(completion: str, reference: str) -> bool:
-    number = last_number(completion)
-    return number is not None and answers_match(number, reference)
-
-
 # ---------------------------------------------------------------- reward kinds
 
 
@@ -201,7 +196,8 @@ def _four_way(completion: str, question: Question, settings: RewardSettings) -> 
     check = check_answer(completion, question.answer, settings.answer_pattern)
     # Without the format there is no formatted answer to judge; the last number stands in for it,
     # so "right answer, wrong format" is told apart from "wrong answer, wrong format".
-    right = check.correct if check.formatted else last_number_matches(completion, question.answer)
+    number = None if check.formatted else last_number(completion)
+    right = check.correct if check.formatted else number is not None and answers_match(number, question.answer)
     return RewardResult(_FOUR_WAY[(right, check.formatted)], check.correct, check.formatted)
 
 

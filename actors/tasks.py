@@ -145,15 +145,6 @@ def _check_kind(kind: str, difficulty: int, count: int) -> None:
         raise ValueError(f"question count must be >= 0, got {count}")
 
 
-def generate_questions(kind: str, count: int, seed: int, difficulty: int) -> list[Question]:
-    """`count` distinct synthetic questions; the same arguments always give the same questions."""
-    questions = _draw_distinct(kind, count, seed, difficulty)
-    if len(questions) < count:
-        raise ValueError(f"{kind!r} at difficulty {difficulty} has only about {len(questions)} distinct "
-                         f"questions, fewer than the {count} asked for; raise the difficulty or lower the count")
-    return questions
-
-
 def generate_train_eval(kind: str, train_count: int, eval_count: int, seed: int,
                         difficulty: int) -> tuple[list[Question], list[Question]]:
     """Disjoint train and eval sets. Eval is its own seeded stream, so it stays the same when

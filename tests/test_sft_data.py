@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from innerloop.actors.prompts import chat_prompt_ids
-from innerloop.actors.tasks import BadRowError, generate_questions
+from innerloop.actors.tasks import BadRowError, generate_train_eval
 from innerloop.distributed.config import AlgorithmConfig, LearnerConfig
 from innerloop.distributed.records import PolicySums, Question, TrainingSample, Trajectory, UpdateMetrics
 from innerloop.distributed.run.samples import loss_normalizers, sft_normalizer
@@ -111,7 +111,8 @@ def test_file_errors_in_the_users_terms(tmp_path: Path):
 @pytest.mark.parametrize("kind", ["addition", "arithmetic", "word", "mixed"])
 @pytest.mark.parametrize("difficulty", [1, 3])
 def test_generator_solutions_verify_with_the_real_verifier(kind: str, difficulty: int):
-    questions = generate_questions(kind, 30, seed=5, difficulty=difficulty)
+    questions, _ = generate_train_eval(kind, 30, 0, seed=5, difficulty=difficulty)
+    assert len(questions) == 30
     trajectories = solution_trajectories(questions)
     assert [t.question_id for t in trajectories] == [q.question_id for q in questions]
     for q, t in zip(questions, trajectories):

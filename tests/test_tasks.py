@@ -14,7 +14,6 @@ import pytest
 from innerloop.actors.rewards import build_reward_fn, check_answer
 from innerloop.actors.tasks import (
     BadRowError,
-    generate_questions,
     generate_train_eval,
     load_dataset_questions,
     split_train_eval,
@@ -25,6 +24,13 @@ KINDS = ["addition", "arithmetic", "word", "mixed"]
 
 
 # ---------------------------------------------------------------- the generator
+
+
+def generate_questions(kind: str, count: int, seed: int, difficulty: int) -> list[Question]:
+    """`count` training questions with no eval set held out: the generator's stream itself."""
+    questions, eval_set = generate_train_eval(kind, count, 0, seed=seed, difficulty=difficulty)
+    assert len(questions) == count and eval_set == []
+    return questions
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -105,7 +111,7 @@ def test_generator_errors() -> None:
     with pytest.raises(ValueError, match="choose one of: addition"):
         generate_questions("algebra", 5, seed=0, difficulty=1)
     with pytest.raises(ValueError, match="raise the difficulty"):
-        generate_questions("addition", 150, seed=0, difficulty=1)  # only 100 one-digit sums exist
+        generate_train_eval("addition", 10, 150, seed=0, difficulty=1)  # only 100 one-digit sums exist
 
 
 # ---------------------------------------------------------------- train / eval

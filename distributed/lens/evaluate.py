@@ -32,11 +32,16 @@ class EvalReport:
                 "accuracy": self.accuracy, "formatted": self.formatted, **self.passk.to_dict()}
 
 
+def resolve_model_or_checkpoint(model: str) -> str:
+    """The folder a lens command loads for MODEL: a checkpoint's model subfolder, else the name resolved."""
+    path = Path(model)
+    return resolve_model(str(checkpoints.model_folder(path)) if path.exists() else model)
+
+
 def evaluate_model(cfg: Config, model: str) -> EvalReport:
     from innerloop.actors.rollout import generate_in_process
 
-    path = Path(model)
-    model_path = resolve_model(str(checkpoints.model_folder(path)) if path.exists() else model)
+    model_path = resolve_model_or_checkpoint(model)
     _, held_out = load_questions(cfg.tasks)
     return report_from_trajectories(generate_in_process(cfg, model_path, held_out, cfg.eval.samples, cfg.eval),
                                     cfg.eval.pass_k)

@@ -8,6 +8,7 @@ cancellation in 1 - C(n-c, k)/C(n, k) however close the ratio is to 1; only the 
 from __future__ import annotations
 
 import math
+import statistics
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import Iterable, Sequence
@@ -90,8 +91,8 @@ def summarize(counts: Sequence[tuple[int, int]], ks: Sequence[int]) -> PassKSumm
         raise ValueError("nothing to summarize: no questions were evaluated")
     if not ks:
         raise ValueError("no k to report: give at least one k (eval.pass_k)")
-    by_k = tuple(KScores(k, _mean(pass_at_k(n, c, k) for n, c in counts),
-                         _mean(mg_pass_at_k(n, c, k) for n, c in counts)) for k in ks)
+    by_k = tuple(KScores(k, statistics.fmean(pass_at_k(n, c, k) for n, c in counts),
+                         statistics.fmean(mg_pass_at_k(n, c, k) for n, c in counts)) for k in ks)
     return PassKSummary(len(counts), max(n for n, _ in counts), avg_at_n(counts), by_k)
 
 
@@ -99,11 +100,6 @@ def _at_least(n: int, c: int, k: int, m: int) -> Fraction:
     """P(at least m correct among k drawn without replacement): the hypergeometric upper tail."""
     favourable = sum(math.comb(c, j) * math.comb(n - c, k - j) for j in range(max(m, 0), min(c, k) + 1))
     return Fraction(favourable, math.comb(n, k))
-
-
-def _mean(values: Iterable[float]) -> float:
-    values = list(values)
-    return math.fsum(values) / len(values)
 
 
 def _as_fraction(tau: float | Fraction) -> Fraction:

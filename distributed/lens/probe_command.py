@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from innerloop.distributed.config import DEFAULT_SUFFIX, Config, ConfigError, check_suffix_template
+from innerloop.distributed.lens.evaluate import resolve_model_or_checkpoint
 from innerloop.distributed.lens.probe import GroupSummary, check_label, summarize_groups, write_probe
 from innerloop.distributed.records import Question, Trajectory
 from innerloop.learners.probe import (PROBE_BATCH, ProbeItem, ProbeRecord, items_from_trajectories, probe_trajectories,
@@ -106,7 +107,7 @@ def check_options(options: ProbeOptions) -> None:
 def run_probe(cfg: Config, model: str, options: ProbeOptions) -> ProbeRun:
     """Sample `samples` trajectories for the first `questions` held-out questions, probe and write them."""
     check_options(options)
-    model_path = _model_path(model)
+    model_path = resolve_model_or_checkpoint(model)
     questions, trajectories = _sample(cfg, model_path, options.questions, options.samples)
     hf_model, tokenizer = _load_transformers(model_path, options.dtype)
     items = items_from_trajectories(trajectories, questions, _end_ids(hf_model, tokenizer))
@@ -117,14 +118,6 @@ def run_probe(cfg: Config, model: str, options: ProbeOptions) -> ProbeRun:
     cost = measure_cost(hf_model, tokenizer, longest, options.suffix_template, options.every)
     plot = write_probe(records, options.out_dir, options.label)
     return ProbeRun(tuple(records), summarize_groups(records), cost, seconds, plot)
-
-
-def _model_path(model: str) -> str:
-    from innerloop.distributed.state import checkpoints
-    from innerloop.distributed.state.model_prep import resolve_model
-
-    path = Path(model)  # a checkpoint folder holds the model in a subfolder; a name is resolved
-    return resolve_model(str(checkpoints.model_folder(path)) if path.exists() else model)
 
 
 def _sample(cfg: Config, model_path: str, count: int, samples: int) -> tuple[list[Question], tuple[Trajectory, ...]]:
