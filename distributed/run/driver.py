@@ -25,6 +25,7 @@ from innerloop.distributed.run import sft_stage
 from innerloop.distributed.run.prefetch import Prefetch, staleness_bound
 from innerloop.distributed.run.progress import StepDisplay
 from innerloop.distributed.run.checks import CheckedInputs, check_run
+from innerloop.distributed.run.health import StepWatch
 from innerloop.distributed.run.questions import QuestionStream
 from innerloop.distributed.run.samples import (build_samples, group_advantages, group_by_question, loss_normalizers,
                                                sft_normalizer)
@@ -62,6 +63,7 @@ class Trainer:
         self._last_metric: float | None = None  # train.best_metric's latest value, for best checkpoints
         self._inputs: CheckedInputs | None = None
         self._stop = StopOnTerm(cfg.train.stop_grace_s)
+        self._watch = StepWatch(cfg)
 
     def prepare(self) -> None:
         """Every start-up check, then the run directory's lock; nothing is written to it before both
@@ -179,6 +181,7 @@ class Trainer:
                 self.run.record_trajectories(step, step - 1, trajectories)
                 self._log_events(actors, step)
                 self._note_metric(record)
+                self._watch.after_step(record)
                 display.update(step, record)
                 if cfg.eval.every and step % cfg.eval.every == 0 and step < last:
                     self._evaluate(actors, eval_questions, step, f"step_{step}")
