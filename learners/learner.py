@@ -8,7 +8,6 @@ samples with one number per sample and a global loss normalizer, and returns its
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import os
@@ -22,11 +21,11 @@ from typing import Callable
 import torch
 
 from innerloop.distributed.config import AlgorithmConfig, LearnerConfig
-from innerloop.distributed.errors import UntrustedCheckpoint
 from innerloop.distributed.records import NllSums, PolicySums, TrainingSample, UpdateMetrics
 from innerloop.distributed.stacks import StackLocation, install_stack_dump
 from innerloop.learners import grpo
 from innerloop.learners.batching import MicroBatch, collate, micro_batches, shard_for_rank
+from innerloop.learners.safe_load import refuse_unsafe_files, weights_only_loads
 from innerloop.learners.logprobs import entropy_from_logits, token_logprobs
 
 log = logging.getLogger(__name__)
@@ -300,8 +299,9 @@ class Learner:
         of ranks is first converted to DeepSpeed's rank-independent universal format.
 
         Nothing but tensors and plain data is ever unpickled (see `weights_only_loads`)."""
-        refuse_unsafe_files(Path(folder) / tag)
-        with weights_only_loads():
+        allowed = _deepspeed_state_types()
+        refuse_unsafe_files(Path(folder) / tag, allowed)
+        with weights_only_loads(allowed):
             if saved_world_size in (None, self.world_size):
                 path, client_state = self.engine.load_checkpoint(folder, tag=tag)
             else:
@@ -322,39 +322,6 @@ def _deepspeed_state_types() -> list:
     from deepspeed.utils.tensor_fragment import fragment_address
 
     return [LossScaler, ZeroStageEnum, fragment_address]
-
-
-def refuse_unsafe_files(folder: Path) -> None:
-    """Read every state file's pickle without running it; one that names any callable or class beyond
-    DeepSpeed's own state types is refused, naming the file (a tampered checkpoint never gets to load)."""
-    allowed = {f"{t.__module__}.{t.__qualname__}" for t in _deepspeed_state_types()}
-    for path in sorted(folder.rglob("*.pt")):
-        try:
-            unsafe = set(torch.serialization.get_unsafe_globals_in_checkpoint(path)) - allowed
-        except Exception as exc:  # not a torch zip file at all: as untrusted as a foreign pickle
-            unsafe = {f"an unreadable file ({type(exc).__name__})"}
-        if unsafe:
-            raise UntrustedCheckpoint(
-                f"checkpoint file {path} holds {', '.join(sorted(unsafe))}, not only tensors and plain data, so "
-                "it was not written by innerloop or was changed since; it was refused without being loaded. "
-                f"Delete {folder.parent.parent} and resume from an older checkpoint")
-
-
-@contextlib.contextmanager
-def weights_only_loads():
-    """Every torch.load inside, DeepSpeed's and its universal converter's included (which pass
-    weights_only=False), loads tensors and plain data only, plus DeepSpeed's state types: torch's
-    documented switch TORCH_FORCE_WEIGHTS_ONLY_LOAD overrides the callers' argument."""
-    saved = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
-    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
-    try:
-        with torch.serialization.safe_globals(_deepspeed_state_types()):
-            yield
-    finally:
-        if saved is None:
-            os.environ.pop("TORCH_FORCE_WEIGHTS_ONLY_LOAD", None)
-        else:
-            os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = saved
 
 
 def _first_predicting_position(loss_mask: torch.Tensor) -> int:
