@@ -234,3 +234,23 @@ def test_a_hand_edited_driver_state_is_refused_naming_it(tmp_path):
     (saved / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(checkpoints.CheckpointError, match=r"state.json is not a driver state innerloop wrote"):
         checkpoints.load(saved, FakeFleet())
+
+
+def test_an_interrupt_mid_checkpoint_leaves_no_partial_folder_and_a_true_message(tmp_path):
+    from innerloop.distributed.cli import _interrupted
+
+    class Interrupted(FakeFleet):
+        def export(self, folder: Path) -> None:
+            raise KeyboardInterrupt  # Ctrl-C, or SIGTERM's grace running out, while the model is written
+
+    root = tmp_path / "checkpoints"
+    with pytest.raises(KeyboardInterrupt):
+        checkpoints.save(root, state_at(1), Interrupted(), keep=2)
+    assert list(root.iterdir()) == []
+    assert "before the first checkpoint; `innerloop train --resume" in _interrupted(tmp_path, KeyboardInterrupt())
+    checkpoints.save(root, state_at(2), FakeFleet(), keep=2)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoints.save(root, state_at(3), Interrupted(), keep=2)
+    assert [p.name for p in root.iterdir()] == ["step-000002"]
+    assert "checkpoint step-000002 in" in _interrupted(tmp_path, KeyboardInterrupt()) and "is intact" in \
+        _interrupted(tmp_path, KeyboardInterrupt())
