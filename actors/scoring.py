@@ -1,9 +1,5 @@
-"""The hang guard: reward code runs in a separate process that can be killed.
-
-A reward function that raises gets the failure reward; one that hangs past its time limit has its
-process killed and restarted, and only that completion gets the failure reward. Neither stops the
-job, and both are counted (`GuardedScorer.stats`).
-"""
+"""The hang guard: reward code runs in a separate process that can be killed, so a reward function that
+raises or hangs costs its completion the failure reward, never the job (`GuardedScorer`)."""
 
 from __future__ import annotations
 
@@ -110,8 +106,9 @@ class GuardedScorer:
 
     A reward that raises gets `failure_reward` with error "raised: ..."; one that runs past
     `timeout_s` has its process killed and restarted, gets `failure_reward` with error
-    "timed out after Xs", and the rest of the batch goes on. Not thread-safe: one caller at a time.
-    The process is a daemon, so reward code may run `subprocess` but not start multiprocessing children.
+    "timed out after Xs", and the rest of the batch goes on; both are counted (`stats`). Not
+    thread-safe: one caller at a time. The process is a daemon, so reward code may run `subprocess`
+    but not start multiprocessing children.
     """
 
     _CHUNK = 256  # items per message: bounds message size; the worker idles one round trip per chunk

@@ -3,7 +3,7 @@
 `logprobs[:, t]` is the log-prob of `input_ids[:, t]` given `input_ids[:, :t]` (position 0 is 0), of
 logits / temperature so it matches a sampler that used that temperature. Custom autograd functions
 work one block of about `chunk_tokens` positions at a time in forward and backward and keep only the
-logits and a [B, T] logsumexp, never a full fp32 [B, T, V] tensor.
+logits (already held by the model's graph) and a [B, T] logsumexp, never a full fp32 [B, T, V] tensor.
 """
 
 from __future__ import annotations
@@ -29,10 +29,11 @@ def _blocks(rows: int, cols: int, chunk_tokens: int) -> Iterator[tuple[slice, sl
             yield slice(r0, min(r0 + rows_per, rows)), slice(c0, min(c0 + cols_per, cols))
 
 
-def _forward(logits: Tensor, temperature: float, chunk_tokens: int,
+def _forward(ctx, logits: Tensor, temperature: float, chunk_tokens: int,
              value: Callable[[Tensor, Tensor, slice, slice], Tensor]) -> tuple[Tensor, Tensor]:
     """out[:, t] = value(z, lse, rows, columns) of the block that predicts t, where z [b, l, V] is
     logits / temperature in fp32 (fp64 stays) and lse its logsumexp; out[:, 0] = 0. Returns (out, lse)."""
+    ctx.temperature, ctx.chunk_tokens = temperature, chunk_tokens
     B, T, _ = logits.shape
     dtype = torch.promote_types(logits.dtype, torch.float32)
     out = torch.zeros(B, T, dtype=dtype, device=logits.device)
@@ -54,26 +55,19 @@ def _backward_blocks(ctx, grad_out: Tensor, logits: Tensor, lse: Tensor) -> Iter
 
 
 class _TokenLogprobs(torch.autograd.Function):
-    """out[:, t] = log_softmax(logits[:, t-1] / temperature)[input_ids[:, t]]; out[:, 0] = 0.
-
-    Forward and backward work in fp32 one block at a time and save only the logits (already held
-    by the model's graph) and a [B, T] logsumexp, never a [B, T, V] fp32 tensor.
-    """
+    """out[:, t] = log_softmax(logits[:, t-1] / temperature)[input_ids[:, t]]; out[:, 0] = 0."""
 
     @staticmethod
     def forward(ctx, logits: Tensor, input_ids: Tensor, temperature: float, chunk_tokens: int):
         targets = input_ids[:, 1:].long()  # [B, T-1]
-        out, lse = _forward(logits, temperature, chunk_tokens,
+        out, lse = _forward(ctx, logits, temperature, chunk_tokens,
                             lambda z, lse, r, c: z.gather(-1, targets[r, c].unsqueeze(-1)).squeeze(-1) - lse)
         ctx.save_for_backward(logits, targets, lse)
-        ctx.temperature, ctx.chunk_tokens = temperature, chunk_tokens
         return out
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
         logits, targets, lse = ctx.saved_tensors
-        if not ctx.needs_input_grad[0]:
-            return None, None, None, None
         grad = torch.zeros_like(logits)  # the last position predicts nothing: zero
         for r, c, g, d in _backward_blocks(ctx, grad_out, logits, lse):
             d.exp_().mul_(-g)  # d logp / dz = onehot - softmax
@@ -83,22 +77,19 @@ class _TokenLogprobs(torch.autograd.Function):
 
 
 class _Entropy(torch.autograd.Function):
-    """out[:, t] = entropy of softmax(logits[:, t-1] / temperature); out[:, 0] = 0. Same blocking."""
+    """out[:, t] = entropy of softmax(logits[:, t-1] / temperature); out[:, 0] = 0."""
 
     @staticmethod
     def forward(ctx, logits: Tensor, temperature: float, chunk_tokens: int):
         # entr(0) = 0: a -inf logit adds nothing.
-        out, lse = _forward(logits, temperature, chunk_tokens,
+        out, lse = _forward(ctx, logits, temperature, chunk_tokens,
                             lambda z, lse, r, c: torch.special.entr(torch.exp(z - lse.unsqueeze(-1))).sum(-1))
         ctx.save_for_backward(logits, lse, out)
-        ctx.temperature, ctx.chunk_tokens = temperature, chunk_tokens
         return out
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
         logits, lse, entropy = ctx.saved_tensors
-        if not ctx.needs_input_grad[0]:
-            return None, None, None
         grad = torch.zeros_like(logits)
         for r, c, g, d in _backward_blocks(ctx, grad_out, logits, lse):
             p = d.exp()

@@ -51,7 +51,7 @@ def answer_nll_curve(model, prompt_ids: Sequence[int], completion_ids: Sequence[
     """The curve at `probe_positions(len(completion_ids), every)`.
 
     suffix_ids: the lead-in tokens then the answer tokens; the last `answer_len` of them are scored.
-    batch_size: prefixes per batched suffix forward (memory grows with it times the sequence length).
+    batch_size: prefixes per batched suffix forward (see PROBE_BATCH).
     """
     _check_inputs(prompt_ids, suffix_ids, answer_len, batch_size)
     device = next(model.parameters()).device

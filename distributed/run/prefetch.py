@@ -1,8 +1,4 @@
-"""Asynchronous rollouts' pipeline: each step's generation, submitted ahead up to the staleness bound.
-
-The driver takes its steps' questions and generations from here; with bound 0 it is the
-synchronous trainer (each generation submitted when its step starts).
-"""
+"""Asynchronous rollouts' pipeline: the driver takes each step's questions and generation from here."""
 
 from __future__ import annotations
 

