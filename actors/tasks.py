@@ -173,12 +173,15 @@ def _prompt_key(prompt: str) -> str:
 
 def split_train_eval(questions: list[Question], eval_count: int, seed: int) -> tuple[list[Question], list[Question]]:
     """Dedupe by id and prompt text, then hold out `eval_count` at random (seeded); order is kept."""
-    unique, ids, prompts = [], set(), set()
+    unique, ids, prompts = [], {}, set()
     for q in questions:
         key = _prompt_key(q.prompt)
+        if ids.get(q.question_id, key) != key:  # one id, two questions: which one a record means is lost
+            raise ValueError(f"the id {q.question_id!r} names two different questions ({ids[q.question_id][:60]!r} "
+                             f"and {key[:60]!r}); give every question its own id (tasks.id_field)")
         if q.question_id in ids or key in prompts:
             continue
-        ids.add(q.question_id)
+        ids[q.question_id] = key
         prompts.add(key)
         unique.append(q)
     if len(unique) < len(questions):
@@ -250,6 +253,10 @@ def _open_rows(path: Path, split: str | None) -> tuple[list[str], Rows]:
         raise ValueError(f"split={split!r} given, but {path} is a single file with no splits; drop split")
     if path.is_file() and path.suffix == ".jsonl":
         rows = jsonl_rows(path)
+        if rows and not any(isinstance(row, dict) for _, row in rows):  # the file, not a column, is wrong
+            where, row = rows[0]
+            why = row if isinstance(row, BadRowError) else f"a JSON {type(row).__name__}"
+            raise ValueError(f"{path}: no line is a JSON object, one question per line ({where}: {why})")
         return list(dict.fromkeys(key for _, row in rows if isinstance(row, dict) for key in row)), rows
     return _datasets_rows(_load_with_datasets(path, split))
 

@@ -139,3 +139,26 @@ def test_a_prompt_longer_than_the_model_length_stops_the_load_in_fail_mode(tiny_
     cfg = load_config(None, ["rollout.max_model_len=256", "tasks.on_bad_row=fail"])
     with pytest.raises(ValueError, match=r"within 256 tokens.*question long is \d+ tokens.*on_bad_row=skip"):
         fitting_prompts(_long_and_short(), cfg, tiny_folder, AutoTokenizer.from_pretrained(tiny_folder))
+
+
+@pytest.mark.parametrize("lines, why", [
+    (["not json", "{also not"], "line 1: the line is not valid JSON"),
+    (["[1, 2]", "[3]"], "line 1: a JSON list"),
+])
+def test_a_jsonl_without_one_json_object_says_so_from_the_first_line(tmp_path, lines, why):
+    path = tmp_path / "data.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    cfg = load_config(None, ["tasks.source=dataset", f"tasks.path={path}"])
+    with pytest.raises(ConfigError, match=f"no line is a JSON object, one question per line \\({why}"):
+        check_inputs(cfg)
+
+
+def test_one_id_naming_two_questions_is_a_data_error(tmp_path):
+    path = tmp_path / "data.jsonl"
+    rows = [{"id": "q1", "question": "What is 1 + 1?", "answer": "2"},
+            {"id": "q1", "question": "What is 2 + 2?", "answer": "4"},
+            {"id": "q2", "question": "What is 3 + 3?", "answer": "6"}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = load_config(None, ["tasks.source=dataset", f"tasks.path={path}", "tasks.id_field=id", "tasks.eval_count=1"])
+    with pytest.raises(ConfigError, match=r"the id 'q1' names two different questions"):
+        check_inputs(cfg)

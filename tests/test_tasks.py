@@ -143,7 +143,7 @@ def test_small_kind_trains_on_what_is_left(caplog: pytest.LogCaptureFixture) -> 
 
 def test_split_train_eval_dedupes_and_is_deterministic() -> None:
     questions = [Question(f"id-{i}", f"question {i}", str(i)) for i in range(50)]
-    questions += [Question("id-3", "another text", "3"),  # same id
+    questions += [Question("id-3", "question 3", "3"),  # the same question again
                   Question("new-id", "question  7 ", "7")]  # same prompt up to whitespace
     train, eval_set = split_train_eval(questions, eval_count=10, seed=4)
     assert (len(train), len(eval_set)) == (40, 10)
@@ -152,6 +152,8 @@ def test_split_train_eval_dedupes_and_is_deterministic() -> None:
     assert eval_set != split_train_eval(questions, eval_count=10, seed=5)[1]
     with pytest.raises(ValueError, match="50 distinct"):
         split_train_eval(questions, eval_count=50, seed=0)
+    with pytest.raises(ValueError, match="the id 'id-3' names two different questions"):
+        split_train_eval(questions + [Question("id-3", "another text", "3")], eval_count=10, seed=4)
 
 
 # ---------------------------------------------------------------- loading datasets
