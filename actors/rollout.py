@@ -73,6 +73,7 @@ class RolloutWorker:
             # as the learner computes them; vLLM's default is the raw logits' (temperature 1).
             logprobs_mode="processed_logprobs",
             worker_extension_cls="innerloop.actors.weight_loading.WeightLoadingExtension",
+            weight_transfer_config=_transfer_config(rollout),
         )
         self._tokenizer = self._llm.get_tokenizer()
         self._scorer = GuardedScorer(
@@ -141,6 +142,21 @@ class RolloutWorker:
         out = self._llm.generate([TokensPrompt(prompt_token_ids=token_ids)], params, use_tqdm=False)[0]
         return [0.0] + [float(step[tok].logprob) for step, tok in zip(out.prompt_logprobs[1:], token_ids[1:])]
 
+    def join_weight_stream(self, init_info: dict) -> None:
+        """Join the pool's transfer group (distributed/transfer.py `GroupAddress.init_info`): every
+        process of this engine takes its rank; returns once the whole group has met."""
+        self._llm.init_weight_transfer_engine({"init_info": init_info})
+
+    def receive_weights(self, update_info: dict, version: int) -> float:
+        """Receive streamed weights in place (`WireMeta.update_info`), tagged `version`, while the
+        learner broadcasts them; returns seconds taken."""
+        started = time.perf_counter()
+        self._llm.start_weight_update()
+        self._llm.update_weights({"update_info": update_info})
+        self._llm.finish_weight_update()
+        self._installed(version)
+        return time.perf_counter() - started
+
     def load_weights(self, weights: bytes, version: int) -> float:
         """Install new weights (a safetensors blob) tagged `version`; returns seconds taken."""
         started = time.perf_counter()
@@ -151,10 +167,13 @@ class RolloutWorker:
             self._llm.collective_rpc("innerloop_load_weights", args=(path,))
         finally:
             Path(path).unlink(missing_ok=True)
+        self._installed(version)
+        return time.perf_counter() - started
+
+    def _installed(self, version: int) -> None:
         # Cached prefixes hold keys and values computed by the old weights.
         self._llm.reset_prefix_cache()
         self.policy_version = version
-        return time.perf_counter() - started
 
     def scorer_stats(self) -> dict[str, int]:
         return dict(self._scorer.stats)
@@ -165,6 +184,15 @@ class RolloutWorker:
         self._scorer.close()
         # vLLM 0.32 has no public shutdown on `LLM`; its engine-core client does.
         self._llm.llm_engine.engine_core.shutdown()
+
+
+def _transfer_config(rollout: RolloutConfig) -> dict | None:
+    """The engine's weight-transfer backend (ours: actors/weight_transfer.py), None for object_store."""
+    if rollout.sync != "transfer":
+        return None
+    from innerloop.actors.weight_transfer import BACKENDS
+
+    return {"backend": BACKENDS[rollout.transfer_backend]}
 
 
 def worker_args(cfg: Config, model_path: str, seed: int) -> tuple:

@@ -128,6 +128,33 @@ class RolloutConfig(SamplingConfig):
     # A planned pool size by step, e.g. {10: 4, 30: 2}: before step 10 the pool becomes 4 workers, before
     # step 30 two (an elastic-scaling experiment without touching the cluster). Applied like `innerloop scale`.
     worker_schedule: dict[int, int] = Field(default_factory=dict)
+    # The weight sync after each update (docs/performance.md has the measurements). transfer: learner
+    # rank 0 streams the weights in buckets over one process group that every engine joins, received
+    # in place through vLLM's weight-transfer API; no whole-model copy anywhere. object_store: one
+    # safetensors blob through Ray's object store, each engine reloading from a shared-memory file.
+    # A worker that joins mid-run, and an asynchronous sync (which queues behind running generations,
+    # so the two ends would not meet), always go by the object store.
+    sync: Literal["transfer", "object_store"] = "transfer"
+    # The transfer group's torch backend. auto: nccl where rollout.gpus_per_worker > 0, else gloo.
+    sync_backend: Literal["auto", "gloo", "nccl"] = "auto"
+    sync_bucket_mb: float = Field(64.0, gt=0.0)  # the most one broadcast carries, MiB (a larger tensor goes alone)
+    # How long a member of the transfer group waits for one bucket before the sync fails (and falls
+    # back to the object store): what a worker dying mid-transfer costs the others. Capped at half
+    # the watchdog's sync deadline, so recovery always starts before the run would stop.
+    sync_timeout_s: float = Field(60.0, gt=0.0)
+
+    @property
+    def transfer_backend(self) -> str:
+        if self.sync_backend != "auto":
+            return self.sync_backend
+        return "nccl" if self.gpus_per_worker > 0 else "gloo"
+
+    @model_validator(mode="after")
+    def _backend_fits_the_device(self) -> "RolloutConfig":
+        if self.sync == "transfer" and self.sync_backend == "nccl" and self.gpus_per_worker == 0:
+            raise ValueError("rollout.sync_backend = nccl needs GPUs, but rollout.gpus_per_worker is 0 (a CPU run); "
+                             "use rollout.sync_backend=gloo (or auto), or give the workers GPUs")
+        return self
 
     @model_validator(mode="after")
     def _groups_can_differ(self) -> "RolloutConfig":

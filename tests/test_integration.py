@@ -734,6 +734,89 @@ def test_a_rollout_worker_killed_mid_generation_is_replaced_and_its_questions_re
     torch.testing.assert_close(stack.engine_logprobs(), stack.learner_logprobs(), atol=LOGPROB_ATOL, rtol=0)
 
 
+def _fail_a_bucket(worker, how: str) -> None:
+    """In the worker's process: its second received bucket fails once, by an error or by the process
+    dying (os._exit), while the learner is broadcasting."""
+    import ray
+
+    def patch(_):
+        from innerloop.distributed.transfer import Group
+
+        real, calls = Group.broadcast, []
+
+        def failing(self, buffer):
+            calls.append(1)
+            if len(calls) == 2:
+                Group.broadcast = real
+                if how == "die":
+                    os._exit(1)
+                raise RuntimeError("injected: a bucket went missing")
+            return real(self, buffer)
+
+        Group.broadcast = failing
+
+    ray.get(worker.__ray_call__.remote(patch), timeout=60)
+
+
+def _perturbed_transfer_sync(stack, version: int) -> float:
+    _perturb_learner(stack)
+    stack.fleet.cfg.rollout.sync_bucket_mb = 0.25  # several buckets even for the tiny model
+    return stack.fleet.sync_weights(version)
+
+
+@pytest.mark.integration
+def test_a_streamed_sync_reaches_two_engines_exactly(stack):
+    """rollout.sync transfer (the default): one group, one broadcast per bucket to both engines; each
+    ends with the learner's weights (float32) and the version; the object store carries no blob."""
+    import ray
+
+    fleet = stack.fleet
+    assert fleet.cfg.rollout.sync == "transfer"
+    fleet.rollouts.resize(2)  # the newcomer gets the current weights by the object store
+    try:
+        _perturbed_transfer_sync(stack, 11)
+        learner = stack.learner_logprobs()
+        for worker in fleet.rollouts.workers:
+            engine = torch.tensor(ray.get(worker.sequence_logprobs.remote(stack.probe_ids), timeout=120),
+                                  dtype=torch.float64)
+            torch.testing.assert_close(engine, learner, atol=LOGPROB_ATOL, rtol=0)
+            assert ray.get(worker.__ray_call__.remote(lambda w: w.policy_version), timeout=60) == 11
+        assert fleet.rollouts.weights.version == 11 and fleet.rollouts.weights._blob is None
+    finally:
+        fleet.rollouts.resize(1)
+        fleet.rollouts.drain_events()
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("how", ["fail", "die"])
+def test_a_worker_failing_mid_transfer_gets_the_weights_by_the_object_store(stack, how):
+    """A bucket lost mid-transfer: a worker that survived reloads from the object store, a dead one is
+    replaced; neither hangs the run (rollout.sync_timeout_s bounds the other ends' waits), and the next
+    sync forms a new group."""
+    fleet = stack.fleet
+    fleet.cfg.rollout.sync_timeout_s = 5.0
+    fleet._streamed.forget_group()  # the short timeout takes effect in a new group
+    try:
+        _perturbed_transfer_sync(stack, 12)  # forms the group
+        _fail_a_bucket(stack.worker, how)
+        old = stack.worker
+        seconds = _perturbed_transfer_sync(stack, 13)
+        events = fleet.rollouts.drain_events()
+        assert fleet.rollouts.weights._blob is not None  # the fallback's blob
+        if how == "die":
+            assert stack.worker is not old
+            assert [(e["event"], e["policy_version"]) for e in events] == [("rollout_worker_replaced", 13)]
+        else:
+            assert stack.worker is old and not events and seconds < 60
+        torch.testing.assert_close(stack.engine_logprobs(), stack.learner_logprobs(), atol=LOGPROB_ATOL, rtol=0)
+        _perturbed_transfer_sync(stack, 14)  # a new group, streamed again
+        assert fleet.rollouts.weights._blob is None
+        torch.testing.assert_close(stack.engine_logprobs(), stack.learner_logprobs(), atol=LOGPROB_ATOL, rtol=0)
+    finally:
+        fleet.cfg.rollout.sync_timeout_s = 60.0
+        fleet._streamed.forget_group()
+
+
 @pytest.mark.integration
 def test_a_learner_killed_mid_run_restarts_from_the_last_checkpoint(stack, tmp_path):
     import ray

@@ -23,7 +23,7 @@ PACKAGES = ("actors", "learners", "distributed")  # folder name == innerloop.<na
 SOURCES = sorted(p for folder in PACKAGES for p in (ROOT / folder).rglob("*.py"))
 
 # The shared vocabulary at the top of distributed/: every room imports it, it imports no room.
-VOCABULARY = {"config", "config_load", "records", "errors", "stacks"}
+VOCABULARY = {"config", "config_load", "records", "errors", "stacks", "transfer"}
 
 
 def rel(path: Path) -> str:
@@ -102,8 +102,14 @@ def test_imported_modules_sees_nested_and_relative_imports(tmp_path, monkeypatch
 
 
 def test_vllm_only_in_the_rollout_worker():
-    # weight_loading.py runs inside vLLM's worker process, but vLLM imports it, not the other way round.
-    assert importers_of("vllm") == {"actors/rollout.py"}
+    # weight_loading.py runs inside vLLM's worker process, but vLLM imports it, not the other way round;
+    # weight_transfer.py is the engine's end of the streamed sync, a backend registered with vLLM there.
+    assert importers_of("vllm") == {"actors/rollout.py", "actors/weight_transfer.py"}
+
+
+def test_the_learner_reaches_no_vllm_for_the_streamed_sync():
+    reached = {f for f in reachable("learners/learner.py") if "vllm" in {m.split(".")[0] for m in IMPORTS[f]}}
+    assert not reached and "distributed/transfer.py" in reachable("learners/learner.py")
 
 
 def test_deepspeed_only_in_the_learner():

@@ -15,6 +15,7 @@ import ray
 from innerloop.distributed.cluster.placement import Placement, remote_class, start_ray
 from innerloop.distributed.cluster.rollout_pool import RolloutPool, await_ready, first_line, kill, named
 from innerloop.distributed.cluster.watchdog import Locations, Watchdog
+from innerloop.distributed.cluster.weight_sync import StreamedSync
 from innerloop.distributed.config import Config
 from innerloop.distributed.records import Question, Trajectory, TrainingSample, UpdateMetrics
 from innerloop.learners.grpo import LossNormalizers
@@ -34,6 +35,7 @@ class Fleet:
         self.rollouts: RolloutPool | None = None
         self._locations: Locations = {}  # actor name -> where its stacks are, for stack dumps
         self.watchdog = Watchdog(cfg.watchdog, dump_dir=None, locations=lambda: dict(self._locations))
+        self._streamed = StreamedSync(cfg, placement, self.watchdog)
 
     @classmethod
     def start(cls, cfg: Config, model_path: str, address: str | None = None,
@@ -90,11 +92,16 @@ class Fleet:
     def sync_weights(self, version: int, wait: bool = True) -> float:
         """Every rollout engine gets exactly the learner's current weights, tagged `version`.
 
-        wait=False (asynchronous rollouts): the loads queue behind the workers' running generations
-        and are checked at the next `collect`; only the learners' side is waited for.
+        rollout.sync transfer: streamed in buckets (cluster/weight_sync.py). object_store, and every
+        asynchronous sync: rank 0's blob through Ray's object store. wait=False (asynchronous
+        rollouts): the loads queue behind the workers' running generations and are checked at the
+        next `collect`; only the learners' side is waited for.
         """
         started = time.perf_counter()
         self.rollouts.check_loads()
+        if self.cfg.rollout.sync == "transfer" and wait and not self.cfg.rollout.asynchronous:
+            self._streamed.sync(self.learners, self.rollouts, version, self._learner_call, self._publish)
+            return time.perf_counter() - started
         blobs = [l.weights_blob.remote() for l in self.learners]  # all ranks: ZeRO-3 gathers together
         # The workers take rank 0's blob straight from the object store: it never passes the driver.
         loads = self.rollouts.start_loads(blobs[0], version)
@@ -105,6 +112,13 @@ class Fleet:
             self._learner_call(blobs[1:], "sync", "gathering the weights")  # other ranks return None
         self.rollouts.finish_loads(loads, wait, learners_alive=self._check_learners)
         return time.perf_counter() - started
+
+    def _publish(self) -> "ray.ObjectRef":
+        """Rank 0's blob of the learners' current weights, once every rank has taken part."""
+        blobs = [l.weights_blob.remote() for l in self.learners]
+        self._learner_call(blobs[1:], "sync", "gathering the weights")
+        self.watchdog.settle(blobs[:1], "sync", "publishing the weights")
+        return blobs[0]
 
     def export(self, folder: Path) -> None:
         self._learner_call([l.export.remote(str(folder)) for l in self.learners], "checkpoint",
@@ -137,6 +151,7 @@ class Fleet:
         self.learners = self._start_learners()
         await_ready(self.watchdog, self._locations, named("learner", self.learners))
         self.rollouts.weights = None
+        self._streamed.forget_group()
 
     def shutdown(self) -> None:
         """Close the engines cleanly where they answer, then kill every actor."""

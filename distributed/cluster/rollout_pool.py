@@ -35,7 +35,7 @@ class RolloutPool:
         self._watchdog, self._locations = watchdog, locations
         self.worker_restarts = 0
         self._events: list[dict] = []  # what happened to the workers since the driver last looked
-        self.weights = None  # (version, object ref of rank 0's blob): what a new worker loads first
+        self.weights: CurrentWeights | None = None  # what a new worker loads first
         self.score_seconds = 0.0  # the slowest worker's reward scoring in the latest generation
         self._unchecked_loads: dict[int, "ray.ObjectRef"] = {}  # asynchronous weight loads, checked later
         self._known_nodes: set[str] = set(alive_nodes())  # cluster nodes already seen, for growing onto new ones
@@ -102,7 +102,7 @@ class RolloutPool:
     def start_loads(self, blob: "ray.ObjectRef", version: int) -> dict[int, "ray.ObjectRef"]:
         """Every worker starts loading `blob` (a weights blob in the object store), tagged `version`;
         a worker started from now on loads it before it is used."""
-        self.weights = (version, blob)
+        self.weights = CurrentWeights(version, lambda: blob)
         return {i: w.load_weights.remote(blob, version) for i, w in enumerate(self.workers)}
 
     def finish_loads(self, loads: dict[int, "ray.ObjectRef"], wait: bool, learners_alive: Callable[[], None]) -> None:
@@ -115,8 +115,13 @@ class RolloutPool:
         _, lost = self._settle(loads, "sync", "the weight sync")
         if lost:  # a load also fails when rank 0 died making the blob: that is the learner's loss
             learners_alive()
-        for i in sorted(lost, reverse=True):
-            self._recover(i, self.workers[i])  # a replacement loads these same weights before it is used
+        self.recover([self.workers[i] for i in lost])  # a replacement loads these same weights before it is used
+
+    def recover(self, dead: list) -> None:
+        """These workers (handles) died: each is replaced or dropped, as `collect` does."""
+        for worker in dead:
+            if worker in self.workers:
+                self._recover(self.workers.index(worker), worker)
 
     # ---- failures -------------------------------------------------------------------------------
 
@@ -180,7 +185,7 @@ class RolloutPool:
         await_ready(self._watchdog, self._locations, workers)
         version = 0
         if self.weights is not None:
-            version, blob = self.weights
+            version, blob = self.weights.version, self.weights.blob()
             self._watchdog.wait([w.load_weights.remote(blob, version) for w in workers.values()], "sync",
                                 f"loading the current weights into {', '.join(workers)}")
         return list(workers.values()), version
@@ -228,6 +233,19 @@ class RolloutPool:
         ray.wait(closing, num_returns=len(closing), timeout=30)
         for worker in self.workers:
             kill(worker)
+
+
+class CurrentWeights:
+    """The policy version the engines hold, and how to get its blob for a newcomer: the object-store
+    sync's own blob, or (after a streamed sync) one the learners publish when first asked."""
+
+    def __init__(self, version: int, publish: Callable[[], "ray.ObjectRef"]):
+        self.version, self._publish, self._blob = version, publish, None
+
+    def blob(self) -> "ray.ObjectRef":
+        if self._blob is None:
+            self._blob = self._publish()
+        return self._blob
 
 
 class RolloutCall:
