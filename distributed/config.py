@@ -13,7 +13,6 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
-
 class ConfigError(ValueError):
     """A config that cannot run; the message names the key and the fix."""
 
@@ -159,9 +158,8 @@ class RolloutConfig(SamplingConfig):
     @model_validator(mode="after")
     def _groups_can_differ(self) -> "RolloutConfig":
         if self.group_size < 2:
-            raise ValueError(f"rollout.group_size = {self.group_size}: a trajectory's advantage is its reward "
-                             "relative to its group's mean, so a group of one always has advantage 0 and "
-                             "nothing trains; set rollout.group_size to 2 or more (the paper uses 16)")
+            raise ValueError(f"rollout.group_size = {self.group_size}: a reward relative to its group's mean is "
+                             "always 0 in a group of one, so nothing trains; set it to 2 or more (the paper: 16)")
         return self
 
     @model_validator(mode="after")
@@ -224,8 +222,7 @@ class LearnerConfig(_Section):
     @model_validator(mode="after")
     def _betas_in_range(self) -> "LearnerConfig":
         if not all(0.0 <= b < 1.0 for b in self.betas):
-            raise ValueError(f"learner.betas {list(self.betas)}: Adam's betas must each be in [0, 1) "
-                             "(the usual choice is [0.9, 0.999]; innerloop's default is [0.9, 0.99])")
+            raise ValueError(f"learner.betas {list(self.betas)}: Adam's betas must each be in [0, 1), e.g. [0.9, 0.999]")
         return self
 
 
@@ -266,8 +263,7 @@ class TrainConfig(_Section):
     # Any number the step logs; eval_accuracy counts when eval.every lines up with checkpoint_every.
     best_metric: str = "reward_mean"
     best_mode: Literal["max", "min"] = "max"
-    # On SIGTERM (Slurm, Kubernetes) the run stops after the step in progress and checkpoints it, within
-    # this many seconds; past them it stops where it is and keeps the last complete checkpoint.
+    # SIGTERM: finish and checkpoint the step in progress within this many seconds, else stop where it is.
     stop_grace_s: float = Field(25.0, gt=0.0)
 
 

@@ -86,7 +86,7 @@ def test_a_custom_reward_takes_answers_the_verifier_cannot_read(tmp_path):
 
 
 @pytest.mark.parametrize("override, words", [
-    ("rollout.group_size=1", ["rollout.group_size = 1", "advantage 0", "2 or more"]),
+    ("rollout.group_size=1", ["rollout.group_size = 1", "always 0 in a group of one", "2 or more"]),
     ("tasks.prompt_template=Q: {q}", ["tasks.prompt_template", "KeyError('q')", "{question}"]),
     ("tasks.prompt_template=Q: {question} \\boxed{}", ["cannot be filled", "doubled"]),
     ("tasks.prompt_template=no placeholder", ["must contain '{question}'"]),
