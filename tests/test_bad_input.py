@@ -162,3 +162,16 @@ def test_one_id_naming_two_questions_is_a_data_error(tmp_path):
     cfg = load_config(None, ["tasks.source=dataset", f"tasks.path={path}", "tasks.id_field=id", "tasks.eval_count=1"])
     with pytest.raises(ConfigError, match=r"the id 'q1' names two different questions"):
         check_inputs(cfg)
+
+
+def test_more_actors_than_the_cluster_holds_are_refused_at_once_on_our_own_cluster(caplog):
+    from innerloop.distributed.cluster.placement import check_fits
+    from innerloop.distributed.errors import RunStopped
+
+    cfg = load_config(None, ["rollout.workers=9", "learner.ranks=2"])
+    check_fits(cfg, {"CPU": 11.0}, joined=False)  # fits exactly
+    with pytest.raises(RunStopped, match=r"rollout.workers=9 do not fit: 11 CPUs needed, 8 in the cluster"):
+        check_fits(cfg, {"CPU": 8.0}, joined=False)
+    gpu = load_config(None, ["rollout.gpus_per_worker=1", "learner.gpus_per_rank=1"])
+    check_fits(gpu, {"CPU": 8.0, "GPU": 1.0}, joined=True)  # a joined cluster may still grow: a warning
+    assert "2 GPUs needed, 1 in the cluster" in caplog.text

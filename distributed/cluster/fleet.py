@@ -12,7 +12,7 @@ from pathlib import Path
 
 import ray
 
-from innerloop.distributed.cluster.placement import Placement, remote_class, start_ray
+from innerloop.distributed.cluster.placement import Placement, check_fits, remote_class, start_ray
 from innerloop.distributed.cluster.rollout_pool import RolloutPool, await_ready, first_line, kill, named
 from innerloop.distributed.cluster.watchdog import Locations, Watchdog
 from innerloop.distributed.cluster.weight_sync import StreamedSync
@@ -45,6 +45,7 @@ class Fleet:
         `rollout_workers`: how many (default cfg.rollout.workers; 0 for a learners-only fleet).
         """
         start_ray(address)
+        check_fits(cfg, ray.cluster_resources(), joined=address is not None)
         fleet = cls(cfg, model_path, Placement(cfg))
         count = cfg.rollout.workers if rollout_workers is None else rollout_workers
         started = time.perf_counter()

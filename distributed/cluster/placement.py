@@ -54,6 +54,23 @@ def stop_ray() -> None:
         ray.shutdown()
 
 
+def check_fits(cfg: Config, have: dict[str, float], joined: bool) -> None:
+    """Every learner rank and rollout worker takes one logical CPU and its GPU share. On a cluster this
+    run started itself, one that cannot hold them all is refused at once (they would wait forever);
+    a joined cluster may still grow (an autoscaler), so it gets a warning."""
+    need = {"CPU": cfg.learner.ranks + cfg.rollout.workers,
+            "GPU": cfg.learner.ranks * cfg.learner.gpus_per_rank + cfg.rollout.workers * cfg.rollout.gpus_per_worker}
+    short = {kind: (n, have.get(kind, 0.0)) for kind, n in need.items() if n > have.get(kind, 0.0) + 1e-9}
+    if not short:
+        return
+    what = "; ".join(f"{n:g} {kind}s needed, {got:g} in the cluster" for kind, (n, got) in short.items())
+    message = (f"learner.ranks={cfg.learner.ranks} and rollout.workers={cfg.rollout.workers} do not fit: {what}. "
+               "Lower them (or the GPU shares learner.gpus_per_rank, rollout.gpus_per_worker), or add nodes")
+    if not joined:
+        raise RunStopped(message)
+    log.warning("%s; waiting for the cluster to grow", message)
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("", 0))
