@@ -16,7 +16,7 @@ from pathlib import Path
 from innerloop.actors.prompts import chat_prompt_ids
 from innerloop.distributed.config import Config, RewardConfig, RolloutConfig, SamplingConfig
 from innerloop.distributed.records import Question, Rollout, Trajectory
-from innerloop.distributed.stacks import StackLocation, install_stack_dump
+from innerloop.distributed.stacks import StackLocation, install_stack_dump, remove_stack_dump
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +58,6 @@ class RolloutWorker:
         self._rollout = rollout
         self._system_prompt = system_prompt
         self._prompt_template = prompt_template
-        started = time.perf_counter()
         self._llm = LLM(
             model=model_path,
             dtype=dtype,
@@ -80,16 +79,11 @@ class RolloutWorker:
             build_reward_fn(reward.kind, reward.answer_pattern, reward.format_weight, reward.custom),
             timeout_s=reward.timeout_s, failure_reward=reward.failure_reward)
         self.policy_version = 0
-        self.start_seconds = time.perf_counter() - started
         self._location = install_stack_dump()
 
     def location(self) -> StackLocation:
         """(Ray node id, pid): where the driver sends a stack-dump signal if a phase stalls."""
         return self._location
-
-    def ready(self) -> float:
-        """Seconds the engine took to start; returns only once the engine is up."""
-        return self.start_seconds
 
     def pid(self) -> int:
         return os.getpid()
@@ -175,13 +169,11 @@ class RolloutWorker:
         self._llm.reset_prefix_cache()
         self.policy_version = version
 
-    def scorer_stats(self) -> dict[str, int]:
-        return dict(self._scorer.stats)
-
     def close(self) -> None:
         """Stop the scoring process and the engine's processes; killing the actor alone can leave
         vLLM's engine-core and worker processes running."""
         self._scorer.close()
+        remove_stack_dump()
         # vLLM 0.32 has no public shutdown on `LLM`; its engine-core client does.
         self._llm.llm_engine.engine_core.shutdown()
 

@@ -6,7 +6,7 @@ faulthandler writes from C, so a process stuck in a collective, a CUDA call or a
 
 The file sits in a folder made by `mkdtemp` (mode 0700, an unpredictable name), is created with
 O_EXCL | O_NOFOLLOW (a planted file or symlink is refused, never followed), and is removed when the
-process exits normally.
+role closes or the process exits normally.
 """
 
 from __future__ import annotations
@@ -52,6 +52,13 @@ def install_stack_dump() -> StackLocation:
         faulthandler.register(STACK_SIGNAL, file=_stack_file, all_threads=True)
         atexit.register(shutil.rmtree, folder, ignore_errors=True)
     return StackLocation(_ray_node_id(), os.getpid(), _stack_path)
+
+
+def remove_stack_dump() -> None:
+    """Remove this process's stack file and its folder (an actor's close; Ray kills actors unannounced,
+    so the exit handler alone would leave them behind)."""
+    if _stack_path:
+        shutil.rmtree(os.path.dirname(_stack_path), ignore_errors=True)
 
 
 def _ray_node_id() -> str:

@@ -7,6 +7,8 @@ Each call the driver makes on the learners is one method here; the rollout worke
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 import time
 from pathlib import Path
 
@@ -160,3 +162,8 @@ class Fleet:
             self.rollouts.close()
         for learner in self.learners:
             kill(learner)
+        # Killed actors cannot remove their stack files; those on this node are removed here.
+        here = ray.get_runtime_context().get_node_id()
+        for where in self._locations.values():
+            if where.node_id == here and where.path:
+                shutil.rmtree(os.path.dirname(where.path), ignore_errors=True)
