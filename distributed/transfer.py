@@ -62,6 +62,12 @@ class WireMeta:
     def nbytes(self) -> int:
         return sum(t.nbytes for t in self.tensors)
 
+    @classmethod
+    def of_parameters(cls, named: Iterable[tuple[str, torch.nn.Parameter]], dtype: torch.dtype) -> "WireMeta":
+        """Sent in `dtype`; a ZeRO-3 partitioned parameter by its full shape (`ds_shape`)."""
+        return cls(tuple(TensorMeta(name, str(dtype).removeprefix("torch."),
+                                    tuple(getattr(param, "ds_shape", param.shape))) for name, param in named))
+
 
 @dataclass(frozen=True)
 class GroupAddress:
@@ -158,12 +164,27 @@ def send_buckets(group: "Group", named: Iterable[tuple[str, torch.Tensor]], meta
 
 def receive_buckets(group: "Group", meta: WireMeta, limit: int,
                     device: str = "cpu") -> Iterable[list[tuple[str, torch.Tensor]]]:
-    """The engine's side: each bucket as (name, tensor) pairs, in order, as rank 0 broadcasts it."""
-    for bucket in plan_buckets([t.span for t in meta.tensors], limit):
+    """The engine's side: each bucket as (name, tensor) pairs, in order, as rank 0 broadcasts it.
+    The next bucket's receive is posted before this one is handed over, so it arrives while the
+    caller loads this one (two buckets in memory at most, each a fresh buffer)."""
+    def post(bucket: range):
         metas = [meta.tensors[i] for i in bucket]
         buffer = torch.empty(bucket_nbytes(metas), dtype=torch.uint8, device=device)
-        group.broadcast(buffer)
-        yield unpack(buffer, metas)
+        return metas, buffer, group.start_broadcast(buffer)
+
+    pending = None
+    for bucket in plan_buckets([t.span for t in meta.tensors], limit):
+        posted = post(bucket)
+        if pending is not None:
+            yield _arrived(*pending)
+        pending = posted
+    if pending is not None:
+        yield _arrived(*pending)
+
+
+def _arrived(metas, buffer, work) -> list[tuple[str, torch.Tensor]]:
+    work.wait()
+    return unpack(buffer, metas)
 
 
 class Group:
@@ -184,9 +205,13 @@ class Group:
 
     def broadcast(self, buffer: torch.Tensor) -> None:
         """Rank 0's `buffer` into every member's; returns once this member's part is done."""
+        self.start_broadcast(buffer).wait()
+
+    def start_broadcast(self, buffer: torch.Tensor):
+        """The same, returning at once: `.wait()` on the answer (broadcasts run in the order started)."""
         options = dist.BroadcastOptions()
         options.rootRank = 0
-        self._group.broadcast([buffer], options).wait()
+        return self._group.broadcast([buffer], options)
 
     def close(self) -> None:
         self._group = self._store = None

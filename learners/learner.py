@@ -14,6 +14,7 @@ import os
 import random
 import shutil
 import time
+from collections import deque
 from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Iterator
@@ -23,7 +24,7 @@ import torch
 from innerloop.distributed.config import AlgorithmConfig, LearnerConfig
 from innerloop.distributed.records import NllSums, PolicySums, TrainingSample, UpdateMetrics
 from innerloop.distributed.stacks import StackLocation, install_stack_dump
-from innerloop.distributed.transfer import Group, GroupAddress, TensorMeta, WireMeta, send_buckets
+from innerloop.distributed.transfer import Group, GroupAddress, WireMeta, send_buckets
 from innerloop.learners import grpo
 from innerloop.learners.batching import MicroBatch, collate, micro_batches, shard_for_rank
 from innerloop.learners.safe_load import refuse_unsafe_files, weights_only_loads
@@ -258,9 +259,8 @@ class Learner:
         return None if state is None else save(state)
 
     def _named_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """(name, full tensor) of every parameter, in one order on every rank; tied weights once.
-        Under ZeRO-3 every rank must walk it to the end: each parameter is gathered by all together
-        (and released when the walk moves on), never the whole model at once."""
+        """(name, full tensor) of every parameter, in one order on every rank, tied weights once. Under
+        ZeRO-3 all ranks walk it to the end: each parameter gathered by all, one at a time."""
         import deepspeed
 
         for name, param in self.engine.module.named_parameters():
@@ -269,13 +269,10 @@ class Learner:
 
     def weights_meta(self) -> WireMeta:
         """What a streamed sync sends, in order, in the model's dtype (no gathering needed)."""
-        return WireMeta(tuple(TensorMeta(name, str(self._dtype).removeprefix("torch."),
-                                         tuple(getattr(param, "ds_shape", param.shape)))
-                              for name, param in self.engine.module.named_parameters()))
+        return WireMeta.of_parameters(self.engine.module.named_parameters(), self._dtype)
 
     def open_weight_stream(self, address: GroupAddress) -> None:
-        """Rank 0 hosts the transfer group every rollout engine joins (returns once all have); the
-        other ranks hold no end of it."""
+        """Rank 0 hosts the transfer group the rollout engines join (returns once all have)."""
         self.close_weight_stream()
         if self.rank == 0:
             self._stream = (Group(address, 0), self.weights_meta())
@@ -284,11 +281,9 @@ class Learner:
         """Every rank calls this together (ZeRO-3 gathers each parameter collectively); rank 0
         broadcasts them bucket by bucket. Returns seconds; raises, with the group dropped, if a
         member failed (the rest of the walk still ran, so no rank is left in a collective)."""
-        started = time.perf_counter()
-        stream = getattr(self, "_stream", None)
+        started, stream = time.perf_counter(), getattr(self, "_stream", None)
         if self.rank != 0:
-            for _ in self._named_weights():
-                pass
+            deque(self._named_weights(), maxlen=0)  # walked to the end: the gathers rank 0 needs
             return time.perf_counter() - started
         if stream is None:
             raise RuntimeError("no transfer group: open_weight_stream first")
@@ -300,9 +295,9 @@ class Learner:
         return time.perf_counter() - started
 
     def close_weight_stream(self) -> None:
-        stream, self._stream = getattr(self, "_stream", None), None
-        if stream is not None:
+        if (stream := getattr(self, "_stream", None)) is not None:
             stream[0].close()
+        self._stream = None
 
     def export(self, folder: str) -> None:
         """Write a Hugging Face folder (weights, config, tokenizer) that transformers and vLLM load."""

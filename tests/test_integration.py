@@ -742,18 +742,18 @@ def _fail_a_bucket(worker, how: str) -> None:
     def patch(_):
         from innerloop.distributed.transfer import Group
 
-        real, calls = Group.broadcast, []
+        real, calls = Group.start_broadcast, []
 
         def failing(self, buffer):
             calls.append(1)
             if len(calls) == 2:
-                Group.broadcast = real
+                Group.start_broadcast = real
                 if how == "die":
                     os._exit(1)
                 raise RuntimeError("injected: a bucket went missing")
             return real(self, buffer)
 
-        Group.broadcast = failing
+        Group.start_broadcast = failing
 
     ray.get(worker.__ray_call__.remote(patch), timeout=60)
 

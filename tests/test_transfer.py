@@ -36,6 +36,13 @@ class Replayer:
     def broadcast(self, buffer: torch.Tensor) -> None:
         buffer.copy_(next(self._sent))
 
+    def start_broadcast(self, buffer: torch.Tensor):
+        self.broadcast(buffer)
+        return self
+
+    def wait(self) -> None:
+        pass
+
 
 def weights() -> list[tuple[str, torch.Tensor]]:
     torch.manual_seed(0)
