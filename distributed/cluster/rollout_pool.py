@@ -229,7 +229,12 @@ class RolloutPool:
 
     def close(self) -> None:
         """Close the engines cleanly where they answer, then kill every worker."""
-        closing = [w.close.remote() for w in self.workers]
+        closing = []
+        for worker in self.workers:
+            try:
+                closing.append(worker.close.remote())
+            except Exception as exc:  # an actor Ray already forgot (it died): nothing to close
+                log.debug("closing a rollout worker failed: %s", first_line(exc))
         ray.wait(closing, num_returns=len(closing), timeout=30)
         for worker in self.workers:
             kill(worker)
