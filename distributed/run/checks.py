@@ -26,7 +26,10 @@ def check_run(cfg: Config) -> CheckedInputs:
     """The reward, the questions, the model folder, every prompt's length and the memory asked for."""
     train, held_out = check_inputs(cfg)
     model_path = resolve_model(cfg.model.name)
-    train, held_out = _fitting(cfg, model_path, train), _fitting(cfg, model_path, held_out)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path)  # once, for both sets
+    train, held_out = _fitting(cfg, model_path, tokenizer, train), _fitting(cfg, model_path, tokenizer, held_out)
     _check_pool(cfg, train)
     _check_memory(cfg)
     return CheckedInputs(model_path, train, held_out)
@@ -46,11 +49,9 @@ def check_inputs(cfg: Config) -> tuple[list[Question], list[Question]]:
         raise ConfigError(f"tasks: {exc}") from None
 
 
-def _fitting(cfg: Config, model_path: str, questions: list[Question]) -> list[Question]:
-    from transformers import AutoTokenizer
-
+def _fitting(cfg: Config, model_path: str, tokenizer, questions: list[Question]) -> list[Question]:
     try:
-        kept = fitting_prompts(questions, cfg, model_path, AutoTokenizer.from_pretrained(model_path))
+        kept = fitting_prompts(questions, cfg, model_path, tokenizer)
     except ValueError as exc:
         raise ConfigError(f"tasks: {exc}") from None
     if questions and not kept:
