@@ -49,6 +49,8 @@ class RolloutWorker:
         os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
         if rollout.threads:
             _use_threads(rollout.threads)
+        if rollout.tensor_parallel > 1 and rollout.gpus_per_worker == 0:
+            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = cpu_shard_binding(rollout.tensor_parallel, rollout.threads)
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if rollout.engine_in_process else "1"
         from vllm import LLM
 
@@ -68,6 +70,10 @@ class RolloutWorker:
             max_num_seqs=rollout.max_num_seqs,
             enforce_eager=rollout.enforce_eager,
             enable_prefix_caching=True,  # the G samples of a question share its prompt
+            tensor_parallel_size=rollout.tensor_parallel,
+            # Shards as processes of this worker, on the GPUs Ray gave it (one bundle: one node).
+            distributed_executor_backend="mp" if rollout.tensor_parallel > 1 else None,
+            enable_sleep_mode=rollout.colocate,
             # Sampled tokens' log-probs under the distribution actually sampled (logits / temperature),
             # as the learner computes them; vLLM's default is the raw logits' (temperature 1).
             logprobs_mode="processed_logprobs",
@@ -79,6 +85,7 @@ class RolloutWorker:
             build_reward_fn(reward.kind, reward.answer_pattern, reward.format_weight, reward.custom),
             timeout_s=reward.timeout_s, failure_reward=reward.failure_reward)
         self.policy_version = 0
+        self._asleep: set[str] = set()  # colocated: the memory vLLM's sleep freed and no wake-up restored
         self._location = install_stack_dump()
 
     def location(self) -> StackLocation:
@@ -87,6 +94,24 @@ class RolloutWorker:
 
     def pid(self) -> int:
         return os.getpid()
+
+    def shards(self) -> int:
+        """Processes of this engine (tensor-parallel shards): each joins the weight-transfer group."""
+        return self._rollout.tensor_parallel
+
+    def sleep(self) -> None:
+        """Colocated: free the GPU for the update. Level 1 keeps the weights in host memory, so an
+        engine whose sync failed or was skipped still wakes with whole (old) weights."""
+        self._llm.sleep(level=1)
+        self._asleep = {"weights", "kv_cache"}
+
+    def wake_up(self, tags: list[str]) -> None:
+        """Colocated: "weights" before the sync (it writes into them), "kv_cache" before generating;
+        only what slept is woken (vLLM maps memory anew on each wake-up)."""
+        tags = [tag for tag in tags if tag in self._asleep]
+        if tags:
+            self._llm.wake_up(tags=tags)
+            self._asleep -= set(tags)
 
     def prompt_ids(self, question: Question) -> list[int]:
         """The chat-templated prompt, tokenized once so trajectories carry exact prompt ids."""
@@ -141,6 +166,18 @@ class RolloutWorker:
         process of this engine takes its rank; returns once the whole group has met."""
         self._llm.init_weight_transfer_engine({"init_info": init_info})
 
+    def receive_ipc_weights(self, buckets: list[dict], version: int) -> float:
+        """Colocated: weights by CUDA IPC from the learner rank on this GPU; each bucket carries vLLM's
+        IPC update info (names, dtypes, shapes, handles), its tensors held alive by the learner until
+        this returns. Returns seconds taken."""
+        started = time.perf_counter()
+        self._llm.start_weight_update()
+        for update_info in buckets:
+            self._llm.update_weights({"update_info": update_info})
+        self._llm.finish_weight_update()
+        self._installed(version)
+        return time.perf_counter() - started
+
     def receive_weights(self, update_info: dict, version: int) -> float:
         """Receive streamed weights in place (`WireMeta.update_info`), tagged `version`, while the
         learner broadcasts them; returns seconds taken."""
@@ -182,9 +219,23 @@ def _transfer_config(rollout: RolloutConfig) -> dict | None:
     """The engine's weight-transfer backend (ours: actors/weight_transfer.py), None for object_store."""
     if rollout.sync != "transfer":
         return None
+    if rollout.colocate:
+        return {"backend": "ipc"}  # vLLM's own: the learner on the same GPU sends handles, not bytes
     from innerloop.actors.weight_transfer import BACKENDS
 
     return {"backend": BACKENDS[rollout.transfer_backend]}
+
+
+def cpu_shard_binding(shards: int, threads: int = 0) -> str:
+    """vLLM's CPU thread binding for a tensor-parallel engine: each shard on cores of its own
+    ("0|1" for two shards on two cores), `threads` cores each (0: an equal share of them all)."""
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+    each = threads or max(1, len(cores) // shards)
+    if each * shards > len(cores):
+        raise ValueError(f"rollout.tensor_parallel={shards} x {each} threads needs {each * shards} cores; "
+                         f"this machine has {len(cores)}")
+    groups = [cores[i * each:(i + 1) * each] for i in range(shards)]
+    return "|".join(",".join(map(str, group)) for group in groups)
 
 
 def worker_args(cfg: Config, model_path: str, seed: int) -> tuple:

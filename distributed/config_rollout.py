@@ -38,7 +38,15 @@ class RolloutConfig(SamplingConfig):
     # resumed run repeats the uninterrupted one); on CPUs it is also ~1.6x faster, with no core lost
     # to the engine process's busy polling. false: vLLM's separate engine process.
     engine_in_process: bool = True
-    gpus_per_worker: float = Field(0.0, ge=0.0)  # 0 on CPU machines
+    gpus_per_worker: float = Field(0.0, ge=0.0)  # 0 on CPU machines; with tensor_parallel > 1, per shard
+    # Tensor-parallel engines: each engine's model is split over this many processes, one GPU each
+    # (all on one node: one placement-group bundle of tensor_parallel x gpus_per_worker GPUs), for
+    # models one GPU cannot hold. On CPU, each shard gets its share of the cores.
+    tensor_parallel: int = Field(1, ge=1)
+    # Colocated (GPU only): learner rank i and rollout engine i share GPU i. The engine sleeps during
+    # the update (vLLM's sleep mode frees its KV cache and moves its weights to host memory) and wakes
+    # for the weight sync, which goes GPU to GPU by CUDA IPC. Needs rollout.workers = learner.ranks.
+    colocate: bool = False
     # CPU threads of each engine; 0: all the machine's cores. On a CPU machine, asynchronous rollouts
     # overlap generation with the update: give each its own cores (with learner.threads), since two
     # thread pools each sized to every core fight over them.
@@ -73,6 +81,11 @@ class RolloutConfig(SamplingConfig):
     sync_timeout_s: float = Field(60.0, gt=0.0)
 
     @property
+    def engine_gpus(self) -> float:
+        """GPUs one engine takes: a share of one, or one per tensor-parallel shard."""
+        return self.gpus_per_worker * self.tensor_parallel
+
+    @property
     def transfer_backend(self) -> str:
         if self.sync_backend != "auto":
             return self.sync_backend
@@ -83,6 +96,22 @@ class RolloutConfig(SamplingConfig):
         if self.sync == "transfer" and self.sync_backend == "nccl" and self.gpus_per_worker == 0:
             raise ValueError("rollout.sync_backend = nccl needs GPUs, but rollout.gpus_per_worker is 0 (a CPU run); "
                              "use rollout.sync_backend=gloo (or auto), or give the workers GPUs")
+        return self
+
+    @model_validator(mode="after")
+    def _shards_take_whole_gpus(self) -> "RolloutConfig":
+        if self.tensor_parallel > 1 and self.gpus_per_worker not in (0.0, 1.0):
+            raise ValueError(f"rollout.tensor_parallel = {self.tensor_parallel} with rollout.gpus_per_worker = "
+                             f"{self.gpus_per_worker:g}: each shard of a tensor-parallel engine needs a GPU of its "
+                             "own; set rollout.gpus_per_worker to 1 (the engine then takes "
+                             f"{self.tensor_parallel} GPUs), or 0 on a CPU machine")
+        if self.colocate and self.tensor_parallel > 1:
+            raise ValueError("rollout.colocate with rollout.tensor_parallel > 1 is not built yet: a colocated "
+                             "engine spans one GPU; set rollout.tensor_parallel=1, or rollout.colocate=false to "
+                             "give the engines GPUs of their own")
+        if self.colocate and self.asynchronous:
+            raise ValueError("rollout.colocate with rollout.asynchronous: a colocated engine sleeps while the "
+                             "learner updates, so it cannot generate ahead; set one of them to false")
         return self
 
     @model_validator(mode="after")

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import datetime
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -215,3 +215,26 @@ class Group:
 
     def close(self) -> None:
         self._group = self._store = None
+
+
+def ipc_buckets(named: Iterable[tuple[str, torch.Tensor]], dtype: torch.dtype, limit: int, device_uuid: str,
+                reduce: Callable[[torch.Tensor], tuple]) -> tuple[list[dict], list[torch.Tensor]]:
+    """Colocated (rollout.colocate): vLLM's IPC update info for `named`, which live on this process's
+    GPU, one dict per bucket of at most `limit` bytes (so no one message grows with the model), and
+    the copies made for tensors not already contiguous in `dtype`; the caller holds those until the
+    engine has loaded them. The other tensors are shared as they are: no copy. `reduce(tensor)`: the
+    handle's rebuild arguments (torch's `reduce_tensor(tensor)[1]`)."""
+    shared, copies = [], []
+    for name, tensor in named:
+        tensor = tensor.detach()
+        if tensor.dtype != dtype or not tensor.is_contiguous():
+            tensor = tensor.to(dtype).contiguous()
+            copies.append(tensor)
+        shared.append((TensorMeta.of(name, tensor), tensor))
+    infos = []
+    for bucket in plan_buckets([meta.nbytes for meta, _ in shared], limit):
+        part = [shared[i] for i in bucket]
+        infos.append({"names": [m.name for m, _ in part], "dtype_names": [m.dtype for m, _ in part],
+                      "shapes": [list(m.shape) for m, _ in part],
+                      "ipc_handles": [{device_uuid: reduce(t)} for _, t in part]})
+    return infos, copies

@@ -28,12 +28,13 @@ from innerloop.distributed.transfer import Group, GroupAddress, WireMeta, send_b
 from innerloop.learners import grpo
 from innerloop.learners.batching import MicroBatch, collate, micro_batches, shard_for_rank
 from innerloop.learners.safe_load import refuse_unsafe_files, weights_only_loads
+from innerloop.learners.weight_ipc import ColocatedWeights
 from innerloop.learners.logprobs import entropy_from_logits, token_logprobs
 
 log = logging.getLogger(__name__)
 
 
-class Learner:
+class Learner(ColocatedWeights):
     def __init__(self, model_path: str, dtype: str, learner: LearnerConfig, algorithm: AlgorithmConfig,
                  temperature: float, rank: int, world_size: int, master_addr: str, master_port: int, seed: int):
         self.rank, self.world_size = rank, world_size

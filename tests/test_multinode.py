@@ -157,3 +157,80 @@ def test_a_node_joining_mid_run_brings_a_worker_and_its_loss_loses_nothing(tmp_p
     assert [(e["from"], e["to"], e["reason"]) for e in result["scaled"]] == [(1, 2, "node_joined")]
     assert len(result["dropped"]) == 1 and result["dropped"][0]["workers"] == 1
     assert result["replaced"] == []  # the base worker was never touched
+
+
+SHARDS_SCRIPT = r"""
+import json, os
+import ray
+from ray.cluster_utils import Cluster
+
+from innerloop.distributed.config_load import load_config
+from innerloop.distributed.errors import RunStopped
+from innerloop.distributed.cluster.placement import Placement, check_fits, remote_class, widest_node_gpus
+
+cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 6, "num_gpus": 2})
+cluster.add_node(num_cpus=6, num_gpus=4)
+ray.init(address=cluster.address)
+cluster.wait_for_nodes()
+
+class Where:
+    def where(self):
+        return ray.get_runtime_context().get_node_id(), os.environ.get("CUDA_VISIBLE_DEVICES", "")
+
+def placed(overrides, ranks, workers):
+    cfg = load_config("configs/multinode-gpu.yaml", [f"learner.ranks={ranks}", f"rollout.workers={workers}",
+                      "rollout.questions_per_step=8", "learner.micro_batch_size=4", *overrides])
+    check_fits(cfg, ray.cluster_resources(), joined=False, widest=widest_node_gpus())
+    placement = Placement(cfg, timeout_s=60)
+    options = [placement.learner_options(r) for r in range(ranks)] + [placement.rollout_options(i) for i in range(workers)]
+    actors = [remote_class(Where, o).remote() for o in options]
+    where = ray.get([a.where.remote() for a in actors], timeout=60)
+    for actor in actors:
+        ray.kill(actor)
+    ray.util.remove_placement_group(placement.group)
+    return {"where": where, "gpus": [o["num_gpus"] for o in options],
+            "fit_on_wide_node": placement.workers_that_fit({"GPU": 4.0})}
+
+tensor_parallel = placed(["rollout.tensor_parallel=2"], 2, 2)
+colocated = placed(["rollout.colocate=true", "rollout.gpus_per_worker=0"], 2, 2)
+try:
+    placed(["rollout.tensor_parallel=8"], 1, 1)
+    too_wide = ""
+except RunStopped as exc:
+    too_wide = str(exc)
+print("RESULT " + json.dumps({"tp": tensor_parallel, "colocated": colocated, "too_wide": too_wide}))
+ray.shutdown()
+cluster.shutdown()
+"""
+
+
+def _script_result(script: str, *args: str) -> dict:
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    env.pop("RAY_ADDRESS", None)
+    done = subprocess.run([sys.executable, "-c", script, *args], cwd=REPO_ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    assert done.returncode == 0 and lines, done.stdout[-3000:] + done.stderr[-3000:]
+    return json.loads(lines[0].removeprefix("RESULT "))
+
+
+@pytest.mark.integration
+def test_tensor_parallel_engines_span_one_node_and_colocated_pairs_share_a_gpu():
+    """A 2-GPU and a 4-GPU node (declared): each 2-way engine gets two GPUs of one node; a colocated
+    learner rank and its engine see the same GPU; an 8-way engine no node holds is refused."""
+    result = _script_result(SHARDS_SCRIPT)
+    tp = result["tp"]
+    assert tp["gpus"] == [1, 1, 2, 2] and tp["fit_on_wide_node"] == 2
+    engines = tp["where"][2:]
+    assert all(len(gpus.split(",")) == 2 for _, gpus in engines)  # each engine's two shards' GPUs, one node
+    taken = [(node, gpu) for node, gpus in tp["where"] for gpu in gpus.split(",")]
+    assert len(set(taken)) == 6  # all six GPUs of the cluster, none given twice
+
+    colocated = result["colocated"]
+    assert colocated["gpus"] == [0.5, 0.5, 0.5, 0.5]
+    learners, workers = [tuple(w) for w in colocated["where"][:2]], [tuple(w) for w in colocated["where"][2:]]
+    assert learners == workers  # rank i and engine i: same node, same single GPU
+    assert len(set(learners)) == 2 and all(len(gpus.split(",")) == 1 for _, gpus in learners)
+
+    assert "rollout.tensor_parallel=8 needs 8 GPUs on one node" in result["too_wide"]
+    assert "the widest node has 4" in result["too_wide"]

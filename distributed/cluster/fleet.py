@@ -14,10 +14,10 @@ from pathlib import Path
 
 import ray
 
-from innerloop.distributed.cluster.placement import Placement, check_fits, remote_class, start_ray
+from innerloop.distributed.cluster.placement import Placement, check_fits, remote_class, start_ray, widest_node_gpus
 from innerloop.distributed.cluster.rollout_pool import RolloutPool, await_ready, first_line, kill, named
 from innerloop.distributed.cluster.watchdog import Locations, Watchdog
-from innerloop.distributed.cluster.weight_sync import StreamedSync
+from innerloop.distributed.cluster.weight_sync import ColocatedSync, StreamedSync
 from innerloop.distributed.config import Config
 from innerloop.distributed.records import Question, Trajectory, TrainingSample, UpdateMetrics
 from innerloop.learners.grpo import LossNormalizers
@@ -37,7 +37,7 @@ class Fleet:
         self.rollouts: RolloutPool | None = None
         self._locations: Locations = {}  # actor name -> where its stacks are, for stack dumps
         self.watchdog = Watchdog(cfg.watchdog, dump_dir=None, locations=lambda: dict(self._locations))
-        self._streamed = StreamedSync(cfg, placement, self.watchdog)
+        self._streamed = (ColocatedSync if cfg.rollout.colocate else StreamedSync)(cfg, placement, self.watchdog)
 
     @classmethod
     def start(cls, cfg: Config, model_path: str, address: str | None = None,
@@ -47,7 +47,7 @@ class Fleet:
         `rollout_workers`: how many (default cfg.rollout.workers; 0 for a learners-only fleet).
         """
         start_ray(address)
-        check_fits(cfg, ray.cluster_resources(), joined=address is not None)
+        check_fits(cfg, ray.cluster_resources(), joined=address is not None, widest=widest_node_gpus())
         fleet = cls(cfg, model_path, Placement(cfg))
         count = cfg.rollout.workers if rollout_workers is None else rollout_workers
         started = time.perf_counter()
@@ -75,16 +75,23 @@ class Fleet:
     # ---- the step's calls -----------------------------------------------------------------------
 
     def update(self, samples: list[TrainingSample], normalizers: LossNormalizers) -> UpdateMetrics:
-        """One optimizer step on every rank; the ranks' metrics as one record."""
+        """One optimizer step on every rank; the ranks' metrics as one record. Colocated engines
+        sleep first (the next weight sync wakes them)."""
+        self._free_gpus()
         per_rank = self._learner_call([l.update.remote(samples, normalizers) for l in self.learners],
                                       "update", "the policy update")
         return UpdateMetrics.over_ranks(per_rank)
 
     def sft_update(self, samples: list[TrainingSample], normalizer: float) -> UpdateMetrics:
         """One supervised (negative log-likelihood) optimizer step on every rank."""
+        self._free_gpus()
         per_rank = self._learner_call([l.sft_update.remote(samples, normalizer) for l in self.learners],
                                       "update", "the SFT update")
         return UpdateMetrics.over_ranks(per_rank)
+
+    def _free_gpus(self) -> None:
+        if self.cfg.rollout.colocate:
+            self.rollouts.sleep()
 
     def probe(self, trajectories: list[Trajectory], questions: list[Question], suffix_template: str,
               every: int) -> list:
@@ -95,7 +102,8 @@ class Fleet:
     def sync_weights(self, version: int, wait: bool = True) -> float:
         """Every rollout engine gets exactly the learner's current weights, tagged `version`.
 
-        rollout.sync transfer: streamed in buckets (cluster/weight_sync.py). object_store, and every
+        rollout.sync transfer: streamed in buckets (cluster/weight_sync.py), or colocated by CUDA IPC
+        from the rank on the same GPU. object_store, and every
         asynchronous sync: rank 0's blob through Ray's object store. wait=False (asynchronous
         rollouts): the loads queue behind the workers' running generations and are checked at the
         next `collect`; only the learners' side is waited for.

@@ -54,21 +54,41 @@ def stop_ray() -> None:
         ray.shutdown()
 
 
-def check_fits(cfg: Config, have: dict[str, float], joined: bool) -> None:
-    """Every learner rank and rollout worker takes one logical CPU and its GPU share. On a cluster this
-    run started itself, one that cannot hold them all is refused at once (they would wait forever);
-    a joined cluster may still grow (an autoscaler), so it gets a warning."""
-    need = {"CPU": cfg.learner.ranks + cfg.rollout.workers,
-            "GPU": cfg.learner.ranks * cfg.learner.gpus_per_rank + cfg.rollout.workers * cfg.rollout.gpus_per_worker}
-    short = {kind: (n, have.get(kind, 0.0)) for kind, n in need.items() if n > have.get(kind, 0.0) + 1e-9}
-    if not short:
+def check_fits(cfg: Config, have: dict[str, float], joined: bool, widest: float | None = None) -> None:
+    """Every learner rank and rollout worker takes one logical CPU and its GPU share; an engine takes
+    rollout.engine_gpus on one node. `widest`: the most GPUs any node of the cluster has. On a
+    cluster this run started itself, one that cannot hold them all is refused at once (they would
+    wait forever); a joined cluster may still grow (an autoscaler), so it gets a warning."""
+    problems = _shortfalls(cfg, have)
+    engine = cfg.rollout.engine_gpus
+    if widest is not None and engine > widest + 1e-9:
+        problems.append(f"rollout.tensor_parallel={cfg.rollout.tensor_parallel} needs {engine:g} GPUs on one node "
+                        f"for each engine, but the widest node has {widest:g}; lower rollout.tensor_parallel "
+                        f"to {int(widest)} or less, or add a node with {engine:g} GPUs")
+    if not problems:
         return
-    what = "; ".join(f"{n:g} {kind}s needed, {got:g} in the cluster" for kind, (n, got) in short.items())
-    message = (f"learner.ranks={cfg.learner.ranks} and rollout.workers={cfg.rollout.workers} do not fit: {what}. "
-               "Lower them (or the GPU shares learner.gpus_per_rank, rollout.gpus_per_worker), or add nodes")
+    message = "; ".join(problems)
     if not joined:
         raise RunStopped(message)
     log.warning("%s; waiting for the cluster to grow", message)
+
+
+def _shortfalls(cfg: Config, have: dict[str, float]) -> list[str]:
+    gpus = (cfg.learner.ranks if cfg.rollout.colocate else
+            cfg.learner.ranks * cfg.learner.gpus_per_rank + cfg.rollout.workers * cfg.rollout.engine_gpus)
+    need = {"CPU": cfg.learner.ranks + cfg.rollout.workers, "GPU": gpus}
+    short = {kind: (n, have.get(kind, 0.0)) for kind, n in need.items() if n > have.get(kind, 0.0) + 1e-9}
+    if not short:
+        return []
+    what = "; ".join(f"{n:g} {kind}s needed, {got:g} in the cluster" for kind, (n, got) in short.items())
+    return [f"learner.ranks={cfg.learner.ranks} and rollout.workers={cfg.rollout.workers} do not fit: {what}. Lower "
+            "them (or the GPU shares learner.gpus_per_rank, rollout.gpus_per_worker, rollout.tensor_parallel), "
+            "or add nodes"]
+
+
+def widest_node_gpus() -> float:
+    """The most GPUs one alive node of the cluster has."""
+    return max((resources.get("GPU", 0.0) for resources in alive_nodes().values()), default=0.0)
 
 
 def free_port() -> int:
@@ -77,9 +97,18 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+# Colocated: learner rank i and rollout engine i each hold half of bundle i's GPU in Ray's books
+# (both really use all of it, taking turns: the engine sleeps during the update).
+COLOCATED_SHARE = 0.5
+
+
 def _gpu_bundles(cfg: Config) -> list[dict[str, float]]:
+    """One bundle per learner rank, then one per engine: a bundle is on one node, so a
+    tensor-parallel engine's GPUs are too. Colocated: one bundle per GPU, shared by a rank and an engine."""
+    if cfg.rollout.colocate:
+        return [{"CPU": 2, "GPU": 1}] * cfg.learner.ranks
     learner = [{"CPU": 1, "GPU": cfg.learner.gpus_per_rank}] * cfg.learner.ranks
-    rollout = [{"CPU": 1, "GPU": cfg.rollout.gpus_per_worker}] * cfg.rollout.workers
+    rollout = [{"CPU": 1, "GPU": cfg.rollout.engine_gpus}] * cfg.rollout.workers
     return learner + rollout
 
 
@@ -89,7 +118,7 @@ class Placement:
     def __init__(self, cfg: Config, timeout_s: float = PLACEMENT_TIMEOUT_S):
         self._cfg = cfg
         self._group = None
-        if cfg.learner.gpus_per_rank > 0 or cfg.rollout.gpus_per_worker > 0:
+        if cfg.learner.gpus_per_rank > 0 or cfg.rollout.gpus_per_worker > 0 or cfg.rollout.colocate:
             self._group = placement_group(_gpu_bundles(cfg), strategy="PACK")
             ready, _ = ray.wait([self._group.ready()], timeout=timeout_s)
             if not ready:
@@ -120,21 +149,26 @@ class Placement:
         return {"num_cpus": 1, "num_gpus": gpus, "scheduling_strategy": strategy}
 
     def learner_options(self, rank: int) -> dict:
+        if self._cfg.rollout.colocate:
+            return self._options(rank, COLOCATED_SHARE)
         return self._options(rank, self._cfg.learner.gpus_per_rank)
 
     def rollout_options(self, index: int, node_id: str | None = None) -> dict:
         """`node_id`: start it on that node (a node that joined the cluster mid-run)."""
-        if index >= self._cfg.rollout.workers:  # added while running: outside the placement group
-            gpus = self._cfg.rollout.gpus_per_worker
+        rollout = self._cfg.rollout
+        if index >= rollout.workers:  # added while running: outside the placement group, GPUs of its own
+            gpus = rollout.engine_gpus
             options = {"num_cpus": 1, **({"num_gpus": gpus} if gpus else {})}
             if node_id is not None:
                 options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node_id, soft=False)
             return options
-        return self._options(self._cfg.learner.ranks + index, self._cfg.rollout.gpus_per_worker)
+        if rollout.colocate:
+            return self._options(index, COLOCATED_SHARE)
+        return self._options(self._cfg.learner.ranks + index, rollout.engine_gpus)
 
     def workers_that_fit(self, node_resources: dict[str, float]) -> int:
-        """Rollout workers a node can host: one per GPU share on a GPU node, one on a CPU-only node."""
-        gpus = self._cfg.rollout.gpus_per_worker
+        """Rollout workers a node can host: one per engine's GPUs on a GPU node, one on a CPU-only node."""
+        gpus = self._cfg.rollout.engine_gpus
         if gpus > 0:
             return int(node_resources.get("GPU", 0.0) // gpus)
         return 1 if node_resources.get("CPU", 0.0) >= 1 else 0

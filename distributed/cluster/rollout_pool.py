@@ -39,11 +39,14 @@ class RolloutPool:
         self.score_seconds = 0.0  # the slowest worker's reward scoring in the latest generation
         self._unchecked_loads: dict[int, "ray.ObjectRef"] = {}  # asynchronous weight loads, checked later
         self._known_nodes: set[str] = set(alive_nodes())  # cluster nodes already seen, for growing onto new ones
+        self.shards: dict = {}  # worker handle -> processes of its engine (tensor-parallel shards)
         self.workers: list = [self._start_worker(i) for i in range(count)]
 
     def _start_worker(self, index: int, node_id: str | None = None):
-        return remote_class(RolloutWorker, self._placement.rollout_options(index, node_id)).remote(
+        worker = remote_class(RolloutWorker, self._placement.rollout_options(index, node_id)).remote(
             *worker_args(self.cfg, self._model_path, self.cfg.train.seed + index))
+        self.shards[worker] = self.cfg.rollout.tensor_parallel  # its engine's processes, as started
+        return worker
 
     # ---- generations ----------------------------------------------------------------------------
 
@@ -116,6 +119,21 @@ class RolloutPool:
         if lost:  # a load also fails when rank 0 died making the blob: that is the learner's loss
             learners_alive()
         self.recover([self.workers[i] for i in lost])  # a replacement loads these same weights before it is used
+
+    def sleep(self) -> None:
+        """Colocated: every engine frees its GPU for the update (a worker that died is recovered,
+        awake, holding the current weights)."""
+        self._each("sleep", (), "putting the rollout engines to sleep")
+
+    def wake_up(self, tags: list[str]) -> None:
+        """Colocated: every engine takes back its GPU memory for `tags` ("weights", "kv_cache")
+        where it slept (a replacement started since is awake already)."""
+        self._each("wake_up", (tags,), f"waking the rollout engines' {' and '.join(tags)}")
+
+    def _each(self, method: str, args: tuple, what: str) -> None:
+        calls = {i: getattr(w, method).remote(*args) for i, w in enumerate(self.workers)}
+        _, lost = self._settle(calls, "sync", what)
+        self.recover([self.workers[i] for i in lost])
 
     def recover(self, dead: list) -> None:
         """These workers (handles) died: each is replaced or dropped, as `collect` does."""
@@ -192,6 +210,10 @@ class RolloutPool:
 
     def resize(self, count: int) -> None:
         """Grow or shrink the pool between steps; new workers hold the current weights first."""
+        if self.cfg.rollout.colocate and count != len(self.workers):
+            log.warning("a resize to %d rollout workers is ignored: colocated engines (rollout.colocate) are "
+                        "one per learner rank, %d", count, len(self.workers))
+            return
         before, started = len(self.workers), time.perf_counter()
         while len(self.workers) > count:
             index = len(self.workers) - 1

@@ -1,7 +1,7 @@
 """The streamed weight sync (rollout.sync: transfer), driven from the cluster side.
 
 One transfer group holds learner rank 0 (rank 0, the sender) and every engine process of the pool
-(engine i from rank 1 + i x rollout.tensor_parallel on), so one broadcast per bucket reaches all of
+(each tensor-parallel shard a rank of its own, engine after engine: `rank_offsets`), so one broadcast per bucket reaches all of
 them (distributed/transfer.py). A sync: every learner rank walks its parameters together (under
 ZeRO-3 each one is gathered by all) while rank 0 broadcasts and every engine receives in place
 through vLLM's weight-transfer calls; then each engine resets its prefix cache and takes the version.
@@ -35,6 +35,7 @@ class StreamedSync:
     def __init__(self, cfg: Config, placement: Placement, watchdog: Watchdog):
         self._cfg, self._placement, self._watchdog = cfg, placement, watchdog
         self._members: tuple | None = None  # (learner rank 0, *workers) of the group formed; None: none
+        self._pool_shards: dict = {}  # worker -> its engine's processes (the pool's record)
 
     def forget_group(self) -> None:
         """The next sync forms a new group (the learners were restarted)."""
@@ -46,6 +47,7 @@ class StreamedSync:
         `learner_call(refs, phase, what)`: the fleet's bounded wait (a dead rank raises LearnerLost);
         `publish()`: rank 0's blob of the current weights, for newcomers and the fallback."""
         workers = list(pool.workers)
+        self._pool_shards = pool.shards
         members = (learners[0], *workers)
         failed, lost = ([], []) if members == self._members else self._form(learners[0], workers, learner_call)
         if not failed and not lost:
@@ -61,14 +63,18 @@ class StreamedSync:
 
     def _form(self, sender, workers: list, learner_call: Callable) -> tuple[list, list]:
         rollout = self._cfg.rollout
-        width = 1  # processes per engine (tensor-parallel shards)
+        offsets = rank_offsets([self._shards(w) for w in workers])
         host, port = self._placement.rendezvous()
         timeout = min(rollout.sync_timeout_s, 0.5 * self._watchdog.deadline("sync"))
-        address = GroupAddress(host, port, 1 + width * len(workers), int(rollout.sync_bucket_mb * 2**20),
+        address = GroupAddress(host, port, offsets[-1], int(rollout.sync_bucket_mb * 2**20),
                                timeout, rollout.transfer_backend)
         opening = sender.open_weight_stream.remote(address)
-        joins = {w: w.join_weight_stream.remote(address.init_info(1 + i * width)) for i, w in enumerate(workers)}
+        joins = {w: w.join_weight_stream.remote(address.init_info(offset)) for w, offset in zip(workers, offsets)}
         return self._outcomes([opening], joins, learner_call, "forming the weight-transfer group")
+
+    def _shards(self, worker) -> int:
+        """The worker's engine processes, as it was started (a pool may mix widths after a resize)."""
+        return self._pool_shards.get(worker, self._cfg.rollout.tensor_parallel)
 
     def _stream(self, learners: list, workers: list, version: int, learner_call: Callable) -> tuple[list, list]:
         info = self._meta(learners[0], learner_call).update_info()
@@ -108,3 +114,38 @@ class StreamedSync:
         blob = pool.weights.blob()
         loads = {pool.workers.index(w): w.load_weights.remote(blob, version) for w in failed}
         pool.finish_loads(loads, wait=True, learners_alive=lambda: None)
+
+
+class ColocatedSync(StreamedSync):
+    """rollout.colocate: engine i takes learner rank i's weights on their shared GPU by CUDA IPC.
+
+    Each rank hands out IPC handles of its own parameters (no copy where they are already in the
+    engine's dtype), its engine wakes its weights, loads from the handles in place, then wakes its KV
+    cache; the ranks drop the handles once every engine is done. Failures end as a streamed sync's
+    do: the object store for an engine that failed, recovery for one that died."""
+
+    def sync(self, learners: list, pool: RolloutPool, version: int, learner_call: Callable,
+             publish: Callable[[], "ray.ObjectRef"]) -> None:
+        workers = list(pool.workers)
+        limit = int(self._cfg.rollout.sync_bucket_mb * 2**20)
+        handles = learner_call([l.ipc_weight_handles.remote(limit) for l in learners], "sync",
+                               "sharing the weights by CUDA IPC")
+        try:
+            pool.wake_up(["weights"])
+            receives = {w: w.receive_ipc_weights.remote(h, version) for w, h in zip(workers, handles)}
+            failed, lost = self._outcomes([], receives, learner_call, "the colocated weight sync")
+        finally:
+            learner_call([l.release_ipc_handles.remote() for l in learners], "sync", "releasing the IPC handles")
+        pool.weights = CurrentWeights(version, publish)
+        self._fall_back(pool, failed, version)
+        pool.recover(lost)
+        pool.wake_up(["kv_cache"])
+
+
+def rank_offsets(shards: list[int]) -> list[int]:
+    """Each engine's first rank in the transfer group (learner rank 0 is rank 0; an engine of k
+    shards takes k consecutive ranks), then the group's size."""
+    offsets = [1]
+    for width in shards:
+        offsets.append(offsets[-1] + width)
+    return offsets

@@ -32,6 +32,7 @@ def check_run(cfg: Config) -> CheckedInputs:
     train, held_out = _fitting(cfg, model_path, tokenizer, train), _fitting(cfg, model_path, tokenizer, held_out)
     _check_pool(cfg, train)
     _check_memory(cfg)
+    check_devices(cfg)
     return CheckedInputs(model_path, train, held_out)
 
 
@@ -77,3 +78,28 @@ def _check_memory(cfg: Config) -> None:
     if kv >= total:
         raise ConfigError(f"rollout.kv_cache_gib={kv:g} asks for more KV cache than this machine has memory "
                           f"({total:.1f} GiB); lower it (2 GiB serves the demo)")
+
+
+def check_devices(cfg: Config) -> None:
+    """What the device cannot do: colocation without GPUs, more CPU shards than cores."""
+    rollout, learner = cfg.rollout, cfg.learner
+    if rollout.colocate:
+        if learner.gpus_per_rank == 0:
+            raise ConfigError("rollout.colocate needs GPUs (learner.gpus_per_rank is 0: a CPU run): it frees a "
+                              "sleeping engine's GPU memory for the update and moves weights by CUDA IPC, neither "
+                              "of which a CPU has; on CPU the learners and engines already share the machine's "
+                              "memory, so set rollout.colocate=false")
+        if rollout.workers != learner.ranks:
+            raise ConfigError(f"rollout.colocate puts rollout engine i on learner rank i's GPU, so "
+                              f"rollout.workers ({rollout.workers}) must equal learner.ranks ({learner.ranks})")
+        if learner.zero_stage == 3:
+            raise ConfigError("rollout.colocate with learner.zero_stage=3 is not built yet: the colocated sync "
+                              "shares each rank's whole parameters with its engine; use learner.zero_stage=2")
+        if rollout.sync_backend != "auto" or rollout.sync != "transfer":
+            raise ConfigError("rollout.colocate syncs the weights GPU to GPU by CUDA IPC (two processes on one "
+                              "GPU cannot form an NCCL group); leave rollout.sync=transfer and "
+                              "rollout.sync_backend=auto")
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if rollout.tensor_parallel > 1 and rollout.gpus_per_worker == 0 and rollout.tensor_parallel > cores:
+        raise ConfigError(f"rollout.tensor_parallel={rollout.tensor_parallel} on CPU puts each shard on cores of "
+                          f"its own, but this machine has {cores}; lower rollout.tensor_parallel to {cores} or less")
