@@ -878,3 +878,36 @@ def test_cli_train_refuses_a_run_dir_with_a_checkpoint_unless_resume(tmp_path, m
     assert started == [(run, True)]
     assert cli.main(["train", "--run-dir", str(tmp_path / "fresh")]) == 0
     assert started[-1] == (tmp_path / "fresh", False)
+
+
+@pytest.mark.integration
+def test_a_two_way_tensor_parallel_engine_generates_and_every_shard_takes_the_streamed_sync(stack):
+    """rollout.tensor_parallel=2 on this CPU (each shard on a core of its own): a pool of a 1-way and a
+    2-way engine forms one transfer group of 1 + 1 + 2 ranks; both engines end the sync with the
+    learner's weights (float32) and the version, and the 2-way engine samples real trajectories."""
+    import ray
+
+    fleet = stack.fleet
+    fleet.cfg.rollout.tensor_parallel = 2
+    try:
+        fleet.rollouts.resize(2)  # the newcomer: a 2-way engine, given the current weights by the object store
+    finally:
+        fleet.cfg.rollout.tensor_parallel = 1
+    try:
+        wide = fleet.rollouts.workers[1]
+        assert ray.get(wide.shards.remote(), timeout=60) == 2
+        _perturbed_transfer_sync(stack, 21)
+        learner = stack.learner_logprobs()
+        for worker in fleet.rollouts.workers:
+            engine = torch.tensor(ray.get(worker.sequence_logprobs.remote(stack.probe_ids), timeout=120),
+                                  dtype=torch.float64)
+            torch.testing.assert_close(engine, learner, atol=LOGPROB_ATOL, rtol=0)
+            assert ray.get(worker.__ray_call__.remote(lambda w: w.policy_version), timeout=60) == 21
+        from innerloop.distributed.records import Question
+
+        rollout = ray.get(wide.generate.remote([Question("q", "What is 2 + 3?", "5")], 4), timeout=120)
+        assert len(rollout.trajectories) == 4
+        assert all(t.completion_ids and all(math.isfinite(p) for p in t.logprobs) for t in rollout.trajectories)
+    finally:
+        fleet.rollouts.resize(1)
+        fleet.rollouts.drain_events()
