@@ -99,17 +99,36 @@ class AlgorithmConfig(Section):
     clip_low: float = Field(0.2, ge=0.0, lt=1.0)
     clip_high: float = Field(0.28, ge=0.0)  # clip-higher: a wider upper bound keeps exploring
     kl_coef: float = Field(0.0, ge=0.0)  # > 0 loads a frozen reference model
+    # Named by the gradient each gives (learners/grpo.py, departure 5): k2 pulls by KL(policy || ref),
+    # k3 by the forward KL(ref || policy), k1's expected gradient is zero (it only adds noise).
     kl_estimator: Literal["k1", "k2", "k3"] = "k3"
+    # The KL reference. start: the model GRPO starts from (after an SFT stage, the SFT model; kept in
+    # checkpoints); base: model.name as loaded, whatever an SFT stage did.
+    kl_reference: Literal["start", "base"] = "start"
     aggregation: Literal["token", "sequence"] = "token"
     entropy_coef: float = 0.0
-    # Truncated importance sampling for stale trajectories (rollout.asynchronous): each token's
-    # policy-gradient term is weighted by min(pi_learner / pi_sampler, tis_cap).
+    # Several optimizer steps per batch of rollouts: the batch is cut into `mini_batches` parts, one
+    # step each, `epochs` times over. Old log-probs are the learner's at the start of the batch, so
+    # from the second step on the ratio moves and clip_low/clip_high act. 1 x 1: one step per batch.
+    mini_batches: int = Field(1, ge=1)
+    epochs: int = Field(1, ge=1)
+    # Importance weights sampler -> learner (learners/off_policy.py). stale_only: only trajectories
+    # an older policy sampled (rollout.asynchronous), per token, min(pi / mu, tis_cap). The other
+    # modes weigh every token, correcting the train-inference mismatch too: token_truncate |
+    # token_mask | sequence_truncate | sequence_mask (truncate: capped at tis_cap; mask: 0 above it).
+    sampler_correction: Literal["stale_only", "token_truncate", "token_mask", "sequence_truncate",
+                                "sequence_mask"] = "stale_only"
     tis_cap: float = Field(2.0, gt=0.0)
     # Update subset m: advantages use all G trajectories of a question, but only a seeded random m of
     # them get the policy-gradient term. null: all G (plain GRPO). Checked against rollout.group_size.
     update_subset: int | None = Field(None, ge=1)
     # true: KL and entropy also cover only the update subset; false: they cover all G trajectories.
     mask_kl_and_entropy_by_update: bool = False
+
+    @property
+    def optimizer_steps(self) -> int:
+        """Optimizer steps one batch of rollouts takes."""
+        return self.mini_batches * self.epochs
 
 
 class LearnerConfig(Section):
@@ -121,6 +140,9 @@ class LearnerConfig(Section):
     warmup_steps: int = Field(2, ge=0)
     grad_clip: float = Field(1.0, gt=0.0)
     micro_batch_size: int = Field(16, ge=1)  # samples per forward/backward on one rank
+    # A token budget instead: each micro-batch holds as many length-sorted samples as fit in this many
+    # padded tokens (rows x longest row); micro_batch_size is then unused. null: micro_batch_size.
+    max_tokens_per_micro_batch: int | None = Field(None, ge=1)
     gradient_checkpointing: bool = False  # trades compute for memory; a 135M model fits without it
     threads: int = Field(0, ge=0)  # torch threads per rank; 0 = the machine's cores / ranks
     gpus_per_rank: float = Field(0.0, ge=0.0)
@@ -258,17 +280,24 @@ class Config(Section):
 
     @model_validator(mode="after")
     def _batch_divides(self) -> "Config":
-        self._check_divides(self.rollout.questions_per_step * self.rollout.group_size,
-                            "rollout.questions_per_step x rollout.group_size", "per step",
-                            "learner.micro_batch_size or rollout.questions_per_step")
+        samples, steps = self.rollout.questions_per_step * self.rollout.group_size, self.algorithm.mini_batches
+        if samples % steps:
+            raise ValueError(f"rollout.questions_per_step x rollout.group_size = {samples} samples per step cannot be "
+                             f"cut into algorithm.mini_batches = {steps} equal mini-batches; choose a divisor of {samples}")
+        self._check_divides(samples // steps, "a mini-batch (rollout.questions_per_step x rollout.group_size / "
+                            "algorithm.mini_batches)" if steps > 1 else "rollout.questions_per_step x rollout.group_size",
+                            "per step", "learner.micro_batch_size, algorithm.mini_batches or rollout.questions_per_step")
         return self
 
     def _check_divides(self, samples: int, what: str, per: str, fix: str) -> None:
-        """Every rank runs the same number of whole micro-batches of a step's samples."""
-        per_pass = self.learner.ranks * self.learner.micro_batch_size
+        """Every rank runs the same number of whole micro-batches of a step's samples (under a token
+        budget, the same number of samples)."""
+        budget = self.learner.max_tokens_per_micro_batch is not None
+        per_pass = self.learner.ranks * (1 if budget else self.learner.micro_batch_size)
         if samples % per_pass:
-            raise ValueError(f"{what} = {samples} samples {per} must divide evenly into learner.ranks x "
-                             f"learner.micro_batch_size = {per_pass}; change {fix}")
+            unit = "learner.ranks" if budget else "learner.ranks x learner.micro_batch_size"
+            raise ValueError(f"{what} = {samples} samples {per} must divide evenly into {unit} = {per_pass}; "
+                             f"change {fix}")
 
     @model_validator(mode="after")
     def _update_subset_fits_group(self) -> "Config":
@@ -278,6 +307,22 @@ class Config(Section):
                 f"algorithm.update_subset = {m} must be between 1 and rollout.group_size = {G} "
                 f"(it picks m of each question's G trajectories for the policy-gradient term); "
                 f"set it in 1..{G}, or null to update all {G}")
+        return self
+
+    @model_validator(mode="after")
+    def _no_nucleus_under_importance_weights(self) -> "Config":
+        """top_p < 1 biases pi / mu wherever the sampler's log-probs weigh the loss (grpo.py, departure 11)."""
+        rollout, algo = self.rollout, self.algorithm
+        weighing = [what for what, on in (
+            ("rollout.asynchronous (stale trajectories are importance-weighted)",
+             rollout.asynchronous and rollout.max_staleness > 0),
+            (f"algorithm.sampler_correction = {algo.sampler_correction}", algo.sampler_correction != "stale_only"),
+        ) if on]
+        if rollout.top_p < 1.0 and weighing:
+            raise ValueError(f"rollout.top_p = {rollout.top_p:g} with {' and '.join(weighing)}: vLLM's log-probs are "
+                             "renormalised over the top-p nucleus, the learner's over the whole vocabulary, so the "
+                             "importance weights pi / mu would be biased on every token; set rollout.top_p=1.0, or "
+                             "turn the weighting off (rollout.asynchronous=false, algorithm.sampler_correction=stale_only)")
         return self
 
     @model_validator(mode="after")

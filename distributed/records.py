@@ -95,12 +95,14 @@ class PolicySums:
     tokens: float  # loss tokens trained on
     is_weight_sum: float  # truncated importance weights, over the policy tokens
     sampler_gap_sum: float  # |learner - sampler| log-prob, over the loss tokens
+    is_bounded_tokens: float = 0.0  # policy tokens whose importance weight the cap truncated or masked
 
     def record(self) -> dict[str, float]:
         """The logged names: the sums, with means in place of the two weighted sums, and clip_fraction."""
         out, policy_tokens = asdict(self), max(self.policy_tokens, 1.0)
         out.update(clip_fraction=self.clipped_tokens / policy_tokens,
                    is_weight_mean=out.pop("is_weight_sum") / policy_tokens,
+                   is_bounded_fraction=out.pop("is_bounded_tokens") / policy_tokens,
                    sampler_logprob_gap=out.pop("sampler_gap_sum") / max(self.tokens, 1.0))
         return out
 

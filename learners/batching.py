@@ -60,3 +60,52 @@ def shard_for_rank(samples: list[TrainingSample], rank: int, world_size: int) ->
 
 def micro_batches(samples: list[TrainingSample], size: int) -> list[list[TrainingSample]]:
     return [samples[i : i + size] for i in range(0, len(samples), size)]
+
+
+def token_budget_micro_batches(samples: list[TrainingSample], max_tokens: int) -> list[list[TrainingSample]]:
+    """Consecutive samples (length-sorted: `shard_for_rank`'s order) while rows x longest row, the
+    padded tokens a micro-batch costs, stays within `max_tokens`; a longer sample goes alone."""
+    chunks: list[list[TrainingSample]] = []
+    for sample in samples:
+        if chunks:
+            longest = max(len(sample.input_ids), max(len(s.input_ids) for s in chunks[-1]))
+            if (len(chunks[-1]) + 1) * longest <= max_tokens:
+                chunks[-1].append(sample)
+                continue
+        chunks.append([sample])
+    return chunks
+
+
+def split_to_count(chunks: list[list[TrainingSample]], count: int) -> list[list[TrainingSample]]:
+    """`chunks` cut into exactly `count` micro-batches, halving the one with the most samples each
+    time (every rank must run as many micro-batches as the others: DeepSpeed's gradient reduction
+    runs once per backward on every rank). Needs at least `count` samples in all."""
+    chunks = [list(c) for c in chunks]
+    if sum(len(c) for c in chunks) < count:
+        raise ValueError(f"{sum(len(c) for c in chunks)} samples cannot fill {count} micro-batches")
+    while len(chunks) < count:
+        widest = max(range(len(chunks)), key=lambda i: len(chunks[i]))
+        chunk = chunks.pop(widest)
+        chunks[widest:widest] = [chunk[: len(chunk) // 2], chunk[len(chunk) // 2 :]]
+    return chunks
+
+
+def rank_micro_batches(samples: list[TrainingSample], rank: int, world_size: int, micro_batch_size: int,
+                       max_tokens: int | None) -> list[list[TrainingSample]]:
+    """This rank's micro-batches of `samples` (the whole batch, as every rank sees it): fixed
+    `micro_batch_size` samples each, or under a token budget as many as fit, every rank running the
+    same number of micro-batches."""
+    if max_tokens is None:
+        return micro_batches(shard_for_rank(samples, rank, world_size), micro_batch_size)
+    per_rank = [token_budget_micro_batches(shard_for_rank(samples, r, world_size), max_tokens)
+                for r in range(world_size)]
+    return split_to_count(per_rank[rank], max(len(chunks) for chunks in per_rank))
+
+
+def split_mini_batches(samples: list[TrainingSample], count: int) -> list[list[TrainingSample]]:
+    """The batch in `count` consecutive equal parts, one optimizer step each. The batch is group-major
+    in the stream's random question order, so a part holds whole questions where count divides them."""
+    if count < 1 or len(samples) % count:
+        raise ValueError(f"{len(samples)} samples cannot be cut into {count} equal mini-batches")
+    size = len(samples) // count
+    return [samples[i : i + size] for i in range(0, len(samples), size)]

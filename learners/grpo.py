@@ -31,9 +31,13 @@ Dr.GRPO: Liu et al. 2025; the update subset: Liu et al. 2025, arXiv 2505.19815)
    scale "none" with aggregation "token" (one normalizer for the whole batch, not per sequence).
    Sequences with no loss tokens are not counted in the "sequence" normalizer, so dummy rows that
    pad a rank's batch change nothing.
-5. KL to the reference: GRPO puts k3 in the loss; DAPO and Dr.GRPO drop it (kl_coef = 0). k3 is
-   clamped for stability: the log ratio to +-K3_LOG_RATIO_CLAMP (exp cannot overflow) and the value
-   to at most K3_VALUE_CLAMP (one far-off token cannot dominate; its gradient is then zero).
+5. KL to the reference, as a loss term (GRPO's; DAPO and Dr.GRPO drop it: kl_coef = 0). The
+   estimators are chosen for the gradient they give, not their value (see KL_ESTIMATORS): on
+   samples of the policy, k2's expected gradient is that of KL(policy || ref), k3's that of the
+   forward KL(ref || policy), and k1's is zero (it only adds noise). k3 is e^r - r - 1 with
+   r = ref - logp; beyond r = K3_LOG_RATIO_BOUND it continues along its tangent, so exp cannot
+   overflow and the gradient never vanishes (a value clamp would zero it exactly where the policy
+   is furthest from the reference). r -> -inf needs no bound: e^r goes to 0, the gradient to 1.
    KL is aggregated like the policy term but over its own units (see 6), then weighted by kl_coef.
 6. Update subset (2505.19815): advantages over all G, the policy-gradient term only on the m
    samples in `update_mask`. Its normalizer counts only those samples' units, so the per-token step
@@ -43,10 +47,25 @@ Dr.GRPO: Liu et al. 2025; the update subset: Liu et al. 2025, arXiv 2505.19815)
 7. Optional entropy bonus (not in GRPO): loss -= entropy_coef * entropy.
 8. Log-probs and entropy are of logits / temperature, to match a sampler that used a temperature.
 9. Stale trajectories (asynchronous rollouts) were sampled by an older policy mu. Their
-   policy-gradient tokens are weighted by min(pi / mu, cap), pi the learner's current policy
-   (detached) and mu the sampler's log-probs: truncated importance sampling (Espeholt et al. 2018's
-   truncation, as applied to LLM rollouts by Yao et al. 2025). Fresh trajectories get weight 1, so
-   the synchronous trainer's loss is unchanged; the weight is not clipped from below.
+   policy-gradient tokens are weighted by min(pi_old / mu, cap), pi_old the learner's policy at the
+   start of the update (detached) and mu the sampler's log-probs: truncated importance sampling
+   (Espeholt et al. 2018's truncation, as applied to LLM rollouts by Yao et al. 2025). Fresh
+   trajectories get weight 1, so the synchronous trainer's loss is unchanged; the weight is not
+   clipped from below. `algorithm.sampler_correction` instead weighs every token, fresh ones too
+   (the train-inference mismatch), truncated or masked, per token or per sequence (off_policy.py).
+10. Several optimizer steps per batch (`algorithm.mini_batches` x `algorithm.epochs`, PPO's
+   epochs and mini-batches): old log-probs and the reference's are computed once, before the
+   first step, and advantages stay fixed, so the ratio and the clip act from the second step on.
+   Each mini-batch's loss keeps the whole batch's normalizer and its gradient is scaled by the
+   number of mini-batches: the mini-batch losses sum to the full-batch loss and every token
+   weighs the same in every step (a per-mini-batch mean would weigh tokens of a short mini-batch
+   more). With one step per batch old = current (ratio 1), as before.
+11. top_p < 1 is refused wherever the sampler's log-probs weigh the loss (asynchronous rollouts,
+   `sampler_correction`): vLLM renormalises them over the nucleus, the learner's are over the
+   whole vocabulary, so pi / mu would be biased upward on every token, and a same-nucleus
+   learner log-prob would need the sampler's exact nucleus per position (a sort of the
+   vocabulary at every position; vLLM does not return it). The on-policy loss itself uses the
+   full softmax, as verl and TRL do.
 """
 
 from __future__ import annotations
@@ -58,8 +77,7 @@ from typing import Callable, Mapping, TypeVar
 import torch
 from torch import Tensor
 
-K3_LOG_RATIO_CLAMP = 20.0  # |ref - logp| bound before exp; exp(20) ~ 5e8 stays finite in fp32
-K3_VALUE_CLAMP = 10.0  # per-token k3 bound
+K3_LOG_RATIO_BOUND = 10.0  # r = ref - logp beyond this: k3 goes on along its tangent (e^10 ~ 2.2e4)
 
 _V = TypeVar("_V")
 
@@ -125,14 +143,17 @@ def _kl_k2(logprobs: Tensor, ref_logprobs: Tensor) -> Tensor:
 
 
 def _kl_k3(logprobs: Tensor, ref_logprobs: Tensor) -> Tensor:
-    log_ratio = (ref_logprobs - logprobs).clamp(-K3_LOG_RATIO_CLAMP, K3_LOG_RATIO_CLAMP)
-    return (torch.exp(log_ratio) - log_ratio - 1.0).clamp(max=K3_VALUE_CLAMP)
+    # e^r - r - 1, and beyond r = B its tangent e^B (1 + r - B) - r - 1: finite, gradient e^B - 1.
+    log_ratio = ref_logprobs - logprobs
+    bounded = log_ratio.clamp(max=K3_LOG_RATIO_BOUND)
+    return torch.exp(bounded) * (1.0 + log_ratio - bounded) - log_ratio - 1.0
 
 
+# Per-token d/d logp, whose expectation over samples of the policy is what the loss term pulls by:
 KL_ESTIMATORS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
-    "k1": _kl_k1,  # unbiased, high variance, can be negative
-    "k2": _kl_k2,  # biased, low variance, >= 0
-    "k3": _kl_k3,  # unbiased, low variance, >= 0 (GRPO's choice); clamped, see departure 5
+    "k1": _kl_k1,  # 1: expected gradient zero (E[grad logp] = 0); unbiased value, noise as a loss
+    "k2": _kl_k2,  # logp - ref: the gradient of KL(policy || ref) exactly
+    "k3": _kl_k3,  # 1 - ref/policy: the gradient of the forward KL(ref || policy) (GRPO's choice)
 }
 
 

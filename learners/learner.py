@@ -8,8 +8,8 @@ samples with one number per sample and a global loss normalizer, and returns its
 
 from __future__ import annotations
 
+import functools
 import logging
-import math
 import os
 import random
 import shutil
@@ -17,7 +17,7 @@ import time
 from collections import deque
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
 import torch
 
@@ -25,11 +25,10 @@ from innerloop.distributed.config import AlgorithmConfig, LearnerConfig
 from innerloop.distributed.records import NllSums, PolicySums, TrainingSample, UpdateMetrics
 from innerloop.distributed.stacks import StackLocation, install_stack_dump
 from innerloop.distributed.transfer import Group, GroupAddress, WireMeta, send_buckets
-from innerloop.learners import grpo
-from innerloop.learners.batching import MicroBatch, collate, micro_batches, shard_for_rank
+from innerloop.learners import grpo, update_steps
 from innerloop.learners.safe_load import refuse_unsafe_files, weights_only_loads
 from innerloop.learners.weight_ipc import ColocatedWeights
-from innerloop.learners.logprobs import entropy_from_logits, token_logprobs
+from innerloop.learners.logprobs import token_logprobs
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +46,9 @@ class Learner(ColocatedWeights):
         self._model_path = model_path
         self._dtype = getattr(torch, dtype)
         self.engine = self._build_engine(model_path)
-        self._reference = self._load_reference(model_path) if algorithm.kl_coef > 0 else None
+        # kl_reference start: made at the first GRPO update (after any SFT stage), or from a checkpoint.
+        pinned = algorithm.kl_coef > 0 and algorithm.kl_reference == "base"
+        self._reference = _frozen(self._load_model(model_path).to(self.engine.device)) if pinned else None
         self._tokenizer = None  # loaded on the first probe
         pad = self.engine.module.config.pad_token_id
         self._pad_id = pad if pad is not None else 0
@@ -99,12 +100,6 @@ class Learner(ColocatedWeights):
         warmup = self._cfg.warmup_steps
         return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / (warmup + 1)))
 
-    def _load_reference(self, model_path: str):
-        model = self._load_model(model_path).eval().to(self.engine.device)
-        for param in model.parameters():
-            param.requires_grad_(False)
-        return model
-
     def location(self) -> StackLocation:
         """(Ray node id, pid): where the driver sends a stack-dump signal if a phase stalls."""
         return self._location
@@ -112,14 +107,32 @@ class Learner(ColocatedWeights):
     # ---- the update -------------------------------------------------------------------------
 
     def update(self, samples: list[TrainingSample], normalizers: grpo.LossNormalizers) -> UpdateMetrics:
-        """One optimizer step on this rank's share of `samples` (the whole step's batch).
+        """algorithm.mini_batches x algorithm.epochs optimizer steps on this rank's share of `samples`
+        (the whole step's batch); old and reference log-probs fixed before the first when there are
+        several (learners/grpo.py, departure 10).
 
         `normalizers` are counts over the whole batch, so the losses of all ranks and micro-batches
         sum to the full-batch loss. Returns this rank's metric sums (the driver adds ranks together).
         """
-        self._reference_seconds = 0.0
-        metrics = self._optimizer_step(samples, lambda batch: self._micro_batch_loss(batch, normalizers), PolicySums)
-        return replace(metrics, reference_seconds=self._reference_seconds)  # inside update_seconds; 0 without KL
+        started, algo, timings = time.perf_counter(), self._algo, {}
+        if self._reference is None and algo.kl_coef > 0:  # kl_reference start: the weights GRPO starts from
+            self._reference = self._snapshot_reference()
+        parts = self._plan(samples, algo.mini_batches)
+        fixed = [None] * len(parts)
+        if algo.optimizer_steps > 1:
+            self.engine.train()  # the mode the steps' forwards run in
+            fixed = update_steps.fix_logprobs(self.engine, self._reference, parts, self._temperature, self.engine.device)
+        steps = []
+        for _ in range(algo.epochs):
+            for part, part_fixed in zip(parts, fixed):
+                loss = functools.partial(self._policy_loss, normalizers=normalizers, fixed=part_fixed, timings=timings)
+                steps.append(self._step(part, loss, gradient_scale=len(parts)))
+        metrics = self._metrics(steps, algo.epochs, PolicySums, started)
+        return replace(metrics, reference_seconds=timings.get("reference", 0.0))  # inside update_seconds; 0 without KL
+
+    def _policy_loss(self, index: int, batch, normalizers, fixed, timings: dict[str, float]):
+        return update_steps.policy_loss(self.engine, self._reference, batch, normalizers, self._algo, self._temperature,
+                                        None if fixed is None else fixed[index], timings)
 
     def sft_update(self, samples: list[TrainingSample], normalizer: float) -> UpdateMetrics:
         """One optimizer step of supervised fine-tuning: the negative log-likelihood of the samples'
@@ -129,84 +142,39 @@ class Learner(ColocatedWeights):
         `normalizer`: `samples.sft_normalizer(whole batch, algorithm.aggregation)`. Returns this rank's
         metric sums like `update` (loss, nll, tokens).
         """
-        return self._optimizer_step(samples, lambda batch: self._micro_batch_nll(batch, normalizer), NllSums)
-
-    def _optimizer_step(self, samples: list[TrainingSample],
-                        micro_batch_loss: Callable[[MicroBatch], tuple[torch.Tensor, dict[str, torch.Tensor]]],
-                        sums_type: type[PolicySums | NllSums]) -> UpdateMetrics:
-        """Forward and backward every micro-batch of this rank's share, then one optimizer step.
-        `micro_batch_loss` returns a loss already divided by a whole-batch normalizer, and additive
-        metrics: their sums over the micro-batches become a `sums_type`."""
         started = time.perf_counter()
-        mine = micro_batches(shard_for_rank(samples, self.rank, self.world_size), self._cfg.micro_batch_size)
-        self.engine.set_train_batch_size(len(mine) * self._cfg.micro_batch_size * self.world_size)
-        # DeepSpeed divides each micro-batch loss by the accumulation steps and averages gradients
-        # over ranks; the global normalizers already account for both, so undo them.
-        undo_averaging = len(mine) * self.world_size
-        pieces = []
-        learning_rate = float(self.engine.get_lr()[0])  # the rate this step uses, before the schedule moves
-        self.engine.train()
-        finite = True
-        for index, chunk in enumerate(mine):
-            # The optimizer steps after this update's last micro-batch. DeepSpeed's own boundary counts
-            # micro-steps across calls, so a batch of another size (an SFT step) would shift it.
-            self.engine.set_gradient_accumulation_boundary(index == len(mine) - 1)
-            batch = collate(chunk, self._pad_id).to(self.engine.device)
-            loss, metrics = micro_batch_loss(batch)
-            finite = finite and bool(torch.isfinite(loss))
-            # A non-finite loss is still backpropagated: every rank must take part in the gradient
-            # reduction, and DeepSpeed's overflow check then skips the step on all ranks together.
-            self.engine.backward(loss * undo_averaging)
-            self.engine.step()
-            pieces.append(metrics)
-        sums = sums_type(**{k: float(v) for k, v in grpo.sum_metrics(pieces).items()})
-        grad_norm = float(self.engine.get_global_grad_norm() or 0.0)
-        applied = self.engine.was_step_applied()
-        if applied and not (finite and math.isfinite(grad_norm)):
-            raise FloatingPointError(
-                f"learner rank {self.rank}: a non-finite loss or gradient reached the weights (ZeRO stage "
-                f"{self._cfg.zero_stage} has no overflow check here); use learner.zero_stage=1 or 2, "
-                "which skip such steps, and resume from the last checkpoint")
-        return UpdateMetrics(sums, grad_norm, learning_rate, time.perf_counter() - started, skipped=not applied)
+        (part,) = self._plan(samples, 1)
+        step = self._step(part, lambda index, batch: update_steps.nll_loss(
+            self.engine, batch, normalizer, self._algo.aggregation, self._temperature))
+        return self._metrics([step], 1, NllSums, started)
 
-    def _micro_batch_nll(self, batch: MicroBatch, normalizer: float):
-        _, logprobs, _ = _tail_logprobs(self.engine, batch, self._temperature)
-        return grpo.sft_nll_loss(logprobs, batch.loss_mask, normalizer, self._algo.aggregation)
+    def _plan(self, samples: list[TrainingSample], mini_batches: int):
+        cfg = self._cfg
+        return update_steps.plan(samples, mini_batches, self.rank, self.world_size, cfg.micro_batch_size,
+                                 cfg.max_tokens_per_micro_batch, self._pad_id)
 
-    def _micro_batch_loss(self, batch, normalizers: grpo.LossNormalizers):
-        logits, logprobs, start = _tail_logprobs(self.engine, batch, self._temperature)
-        algo = self._algo
-        # Entropy as a metric needs no graph (that would double the logits' memory); as a loss term it does.
-        with torch.set_grad_enabled(algo.entropy_coef != 0.0):
-            source = logits if algo.entropy_coef != 0.0 else logits.detach()
-            entropy = _left_pad(entropy_from_logits(source, temperature=self._temperature), start)
-        del logits, source
-        ref_logprobs = None
-        if self._reference is not None:
-            started = time.perf_counter()
-            ref_logprobs = self._reference_logprobs(batch)
-            self._reference_seconds += time.perf_counter() - started
-        # One optimizer step per batch: the old log-probs are the current ones, detached (ratio 1,
-        # clip inactive). Trajectories sampled by an older policy (asynchronous rollouts) are
-        # importance-weighted instead, against the sampler's log-probs.
-        is_weights = None
-        if bool(batch.stale.any()):
-            is_weights = grpo.truncated_is_weights(logprobs, batch.sampler_logprobs, batch.stale, algo.tis_cap)
-        loss, metrics = grpo.grpo_loss(
-            logprobs=logprobs, old_logprobs=logprobs.detach(), advantages=batch.advantages,
-            loss_mask=batch.loss_mask, update_mask=batch.update_mask, normalizers=normalizers,
-            clip_low=algo.clip_low, clip_high=algo.clip_high, aggregation=algo.aggregation,
-            kl_coef=algo.kl_coef, kl_estimator=algo.kl_estimator, ref_logprobs=ref_logprobs,
-            entropy=entropy, entropy_coef=algo.entropy_coef,
-            mask_kl_and_entropy_by_update=algo.mask_kl_and_entropy_by_update, is_weights=is_weights)
-        # How far the rollout engine's log-probs are from the learner's (weight-sync and numerics check).
-        mask = batch.loss_mask.bool()
-        metrics["sampler_gap_sum"] = (logprobs.detach() - batch.sampler_logprobs).abs()[mask].sum().double()
-        return loss, metrics
+    def _step(self, part, micro_batch_loss, gradient_scale: float = 1.0) -> update_steps.StepResult:
+        try:
+            return update_steps.optimizer_step(self.engine, part, micro_batch_loss, world_size=self.world_size,
+                                               nominal_micro_batch=self._cfg.micro_batch_size,
+                                               gradient_scale=gradient_scale)
+        except FloatingPointError as exc:
+            raise FloatingPointError(f"learner rank {self.rank}, ZeRO stage {self._cfg.zero_stage}: {exc}") from None
 
-    @torch.no_grad()
-    def _reference_logprobs(self, batch) -> torch.Tensor:
-        return _tail_logprobs(self._reference, batch, self._temperature)[1]
+    @staticmethod
+    def _metrics(steps: list[update_steps.StepResult], epochs: int, sums_type, started: float) -> UpdateMetrics:
+        sums, grad_norm = update_steps.combine(steps, epochs)
+        return UpdateMetrics(sums_type(**sums), grad_norm, steps[0].learning_rate, time.perf_counter() - started,
+                             skipped=not all(s.applied for s in steps))
+
+    def _snapshot_reference(self):
+        """The KL reference as the policy is now (the model GRPO starts from), frozen, on every rank."""
+        model = self._load_model(self._model_path)  # the policy's architecture and weight tying
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for name, tensor in self._named_weights():
+                params[name].copy_(tensor)
+        return _frozen(model.to(self.engine.device))
 
     @torch.no_grad()
     def probe(self, trajectories: list, questions: list, suffix_template: str, every: int) -> list | None:
@@ -231,6 +199,11 @@ class Learner(ColocatedWeights):
         self.engine.eval()
         logits = self.engine(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
         return token_logprobs(logits, ids)[0].tolist()
+
+    def _reference_from(self, state: dict[str, torch.Tensor]):
+        model = self._load_model(self._model_path)
+        model.load_state_dict(state)
+        return _frozen(model.to(self.engine.device))
 
     # ---- weights out ------------------------------------------------------------------------
 
@@ -336,7 +309,11 @@ class Learner(ColocatedWeights):
     def save_checkpoint(self, folder: str, tag: str) -> None:
         # The RNG states ride along, so a resumed rank draws what the uninterrupted one would have.
         rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
-        self.engine.save_checkpoint(folder, tag=tag, client_state={"innerloop_rng": rng})
+        client_state = {"innerloop_rng": rng}
+        if self._reference is not None and self._algo.kl_reference == "start":
+            # The model GRPO started from (after SFT): no file on disk holds it once checkpoints rotate.
+            client_state["innerloop_reference"] = {k: v.detach().clone() for k, v in self._reference.state_dict().items()}
+        self.engine.save_checkpoint(folder, tag=tag, client_state=client_state)
 
     def load_checkpoint(self, folder: str, tag: str, saved_world_size: int | None = None) -> None:
         """Restore model, optimizer, LR schedule and RNG. A checkpoint written by a different number
@@ -352,7 +329,12 @@ class Learner(ColocatedWeights):
                 path, client_state = self._load_resharded(Path(folder), tag)
         if path is None:
             raise FileNotFoundError(f"no DeepSpeed checkpoint '{tag}' under {folder}")
-        rng = (client_state or {}).get("innerloop_rng")
+        client_state = client_state or {}
+        if self._algo.kl_coef > 0 and self._algo.kl_reference == "start":
+            # Saved before GRPO began (an SFT-stage checkpoint): made at the first GRPO update instead.
+            reference = client_state.get("innerloop_reference")
+            self._reference = None if reference is None else self._reference_from(reference)
+        rng = client_state.get("innerloop_rng")
         if rng:
             torch.set_rng_state(rng["torch"])
             random.setstate(rng["python"])
@@ -368,25 +350,12 @@ def _deepspeed_state_types() -> list:
     return [LossScaler, ZeroStageEnum, fragment_address]
 
 
-def _first_predicting_position(loss_mask: torch.Tensor) -> int:
-    """The last prompt position of the row whose completion starts first: from there on, logits
-    predict tokens that carry loss. (A row without loss tokens gives 0: everything is kept.)"""
-    return max(0, int(loss_mask.argmax(dim=1).min()) - 1)
-
-
-def _left_pad(values: torch.Tensor, start: int) -> torch.Tensor:
-    """[B, T - start] per-position values back to [B, T], zero before `start` (prompt positions)."""
-    return torch.nn.functional.pad(values, (start, 0))
-
-
-def _tail_logprobs(model, batch: MicroBatch, temperature: float) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """`model`'s logits from the first predicting position `start` on only, [B, T - start, V] (the LM
-    head, the largest matmul of a small model, and the log-softmax passes skip the prompt positions no
-    loss is taken at); the log-probs of logits / temperature, left-padded to [B, T]; and `start`."""
-    start = _first_predicting_position(batch.loss_mask)
-    keep = batch.input_ids.shape[1] - start
-    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, logits_to_keep=keep).logits
-    return logits, _left_pad(token_logprobs(logits, batch.input_ids[:, start:], temperature=temperature), start), start
+def _frozen(model):
+    """A model for no-grad forwards only (the KL reference)."""
+    model.eval()
+    for param in model.parameters():
+        param.requires_grad_(False)
+    return model
 
 
 def _convert_to_universal(source: Path, target: Path) -> None:

@@ -11,6 +11,7 @@ import torch
 from innerloop.learners.grpo import (
     ADVANTAGE_SCALES,
     AGGREGATIONS,
+    K3_LOG_RATIO_BOUND,
     KL_ESTIMATORS,
     LossNormalizers,
     aggregate,
@@ -231,13 +232,42 @@ def test_kl_estimators_zero_at_equality_and_hand_values():
     torch.testing.assert_close(kl_penalty(logp, ref, "k3"), torch.tensor([0.5 + math.log(2) - 1]))
 
 
-def test_k3_is_clamped_and_finite():
-    logp = torch.tensor([-100.0, 0.0], requires_grad=True)
-    ref = torch.tensor([0.0, -100.0])
+def test_k3_beyond_its_bound_stays_finite_and_keeps_its_gradient():
+    # Far below the reference (r = ref - logp = 100): the tangent beyond the bound, gradient -(e^B - 1).
+    # Far above it (r = -100): no bound needed, the gradient is 1 - e^r ~ 1 (a value clamp would zero it).
+    logp = torch.tensor([-100.0, 0.0], dtype=torch.float64, requires_grad=True)
+    ref = torch.tensor([0.0, -100.0], dtype=torch.float64)
     k3 = kl_penalty(logp, ref, "k3")
-    assert torch.isfinite(k3).all() and k3[0] == 10.0
+    assert torch.isfinite(k3).all()
+    bound = K3_LOG_RATIO_BOUND
+    torch.testing.assert_close(k3[0], torch.tensor(math.exp(bound) * (1 + 100 - bound) - 101, dtype=torch.float64))
+    torch.testing.assert_close(k3[1], torch.tensor(math.exp(-100) + 99, dtype=torch.float64))
     k3.sum().backward()
-    assert torch.isfinite(logp.grad).all()
+    torch.testing.assert_close(logp.grad, torch.tensor([1 - math.exp(bound), 1 - math.exp(-100)], dtype=torch.float64))
+    # Inside the bound the tangent form is e^r - r - 1 exactly, with its gradient 1 - e^r.
+    inside = torch.tensor([-0.7], dtype=torch.float64, requires_grad=True)
+    kl_penalty(inside, torch.tensor([-3.0], dtype=torch.float64), "k3").sum().backward()
+    torch.testing.assert_close(inside.grad, torch.tensor([1 - math.exp(-3.0 + 0.7)], dtype=torch.float64))
+
+
+@pytest.mark.parametrize("estimator", ["k1", "k2", "k3"])
+def test_kl_estimators_give_the_gradient_they_are_documented_by(estimator):
+    # Exact expectation over a categorical policy: sum_x pi(x) * d estimator(log pi(x), log ref(x)) / d theta.
+    g = torch.Generator().manual_seed(3)
+    theta = torch.randn(7, generator=g, dtype=torch.float64, requires_grad=True)
+    log_ref = torch.log_softmax(torch.randn(7, generator=g, dtype=torch.float64), dim=0)
+    log_pi = torch.log_softmax(theta, dim=0)
+    per_token = kl_penalty(log_pi, log_ref, estimator)
+    (expected_grad,) = torch.autograd.grad((log_pi.exp().detach() * per_token).sum(), theta)
+    log_pi = torch.log_softmax(theta, dim=0)
+    pi = log_pi.exp()
+    truth = {"k1": 0.0 * theta.sum(),  # its expected gradient is zero
+             "k2": (pi * (log_pi - log_ref)).sum(),  # KL(pi || ref)
+             "k3": (log_ref.exp() * (log_ref - log_pi)).sum()}[estimator]  # KL(ref || pi)
+    (true_grad,) = torch.autograd.grad(truth, theta)
+    torch.testing.assert_close(expected_grad, true_grad)
+    if estimator != "k1":
+        assert true_grad.abs().sum() > 1e-3
 
 
 # ---------------------------------------------------------------- aggregation and split batches

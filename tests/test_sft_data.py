@@ -365,7 +365,7 @@ def test_update_through_the_shared_loop_is_still_the_whole_batch_grpo_loss():
     metrics = [learner.update(samples, normalizers) for learner in learner_ranks(model, 2, algorithm)]
     assert isinstance(metrics[0].sums, PolicySums)  # loss, policy_loss, kl, entropy, token counts, weighted sums
     assert set(metrics[0].record()) == {"loss", "policy_loss", "kl", "entropy", "clipped_tokens", "policy_tokens",
-                                        "tokens", "clip_fraction", "is_weight_mean", "sampler_logprob_gap",
+                                        "tokens", "clip_fraction", "is_weight_mean", "is_bounded_fraction", "sampler_logprob_gap",
                                         "step_skipped", "grad_norm", "learning_rate", "update_seconds",
                                         "reference_seconds"}
     assert metrics[0].reference_seconds == 0.0

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from innerloop.learners.learner import _first_predicting_position, _left_pad, _tail_logprobs
+from innerloop.learners.update_steps import first_predicting_position, left_pad, tail_logprobs
 from innerloop.learners.logprobs import entropy_from_logits, token_logprobs
 
 
@@ -29,22 +29,22 @@ class _Batch:
 
 
 def test_first_predicting_position_is_the_shortest_prompts_last_token():
-    assert _first_predicting_position(_Batch([5, 3, 7], [2, 4, 1]).loss_mask) == 2
-    assert _first_predicting_position(torch.zeros(2, 6)) == 0  # no loss tokens: keep everything
-    assert torch.equal(_left_pad(torch.ones(2, 3), 2), torch.tensor([[0, 0, 1, 1, 1.0]] * 2))
+    assert first_predicting_position(_Batch([5, 3, 7], [2, 4, 1]).loss_mask) == 2
+    assert first_predicting_position(torch.zeros(2, 6)) == 0  # no loss tokens: keep everything
+    assert torch.equal(left_pad(torch.ones(2, 3), 2), torch.tensor([[0, 0, 1, 1, 1.0]] * 2))
 
 
 def test_tail_logits_give_the_full_forwards_logprobs_and_entropy_where_loss_is_taken():
     model, batch = _tiny_llama(), _Batch([6, 4, 9], [5, 7, 2])
     with torch.no_grad():
         full = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-        tail, got, start = _tail_logprobs(model, batch, temperature=0.7)
-    assert start == _first_predicting_position(batch.loss_mask)
+        tail, got, start = tail_logprobs(model, batch, temperature=0.7)
+    assert start == first_predicting_position(batch.loss_mask)
     assert tail.shape[1] == batch.input_ids.shape[1] - start < full.shape[1]
     mask = batch.loss_mask.bool()
     expected = token_logprobs(full, batch.input_ids, temperature=0.7)
     torch.testing.assert_close(got[mask], expected[mask], atol=1e-5, rtol=0)
     assert not got[:, : start + 1].any()  # nothing before the first predicted token
     expected_h = entropy_from_logits(full, temperature=0.7)
-    got_h = _left_pad(entropy_from_logits(tail, temperature=0.7), start)
+    got_h = left_pad(entropy_from_logits(tail, temperature=0.7), start)
     torch.testing.assert_close(got_h[mask], expected_h[mask], atol=1e-5, rtol=0)

@@ -15,7 +15,7 @@ from innerloop.distributed.records import TrainingSample, Trajectory
 from innerloop.distributed.run.samples import build_samples, group_advantages, loss_normalizers
 from innerloop.learners import grpo
 from innerloop.learners.batching import collate
-from innerloop.learners.learner import Learner
+from innerloop.learners import update_steps
 from innerloop.learners.logprobs import entropy_from_logits, token_logprobs
 
 V = 11  # vocabulary of the tiny model
@@ -209,16 +209,15 @@ def test_kl_and_entropy_switch(mask_by_update):
 
 
 def test_learner_passes_the_switch_to_the_loss():
-    # The learner's own micro-batch loss, on a stand-in for its engine: the switch must reach grpo_loss,
+    # The learner's own micro-batch loss, on a stand-in for its model: the switch must reach grpo_loss,
     # whose normalizers (counted under the switch) would otherwise be refused.
     samples = samples_of(make_groups(num_questions=2, G=4), algorithm(1), seed=3)
     batch = collate(samples, pad_id=0)
     results = {}
     for mask_by_update in (False, True):
         algo = AlgorithmConfig(update_subset=1, mask_kl_and_entropy_by_update=mask_by_update, entropy_coef=0.01)
-        learner = SimpleNamespace(engine=TinyLM(), _temperature=1.0, _algo=algo, _reference=None,
-                                  _reference_seconds=0.0)
-        loss, metrics = Learner._micro_batch_loss(learner, batch, loss_normalizers(samples, algo))
+        loss, metrics = update_steps.policy_loss(TinyLM(), None, batch, loss_normalizers(samples, algo), algo,
+                                                 temperature=1.0, fixed=None, timings={})
         entropy = entropy_from_logits(TinyLM()(batch.input_ids).logits)
         rows = batch.update_mask if mask_by_update else torch.ones_like(batch.update_mask)
         expected = entropy[rows][batch.loss_mask[rows].bool()].mean()
