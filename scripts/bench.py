@@ -1,6 +1,8 @@
 """Benchmarks on this machine: innerloop's parts against their peers, alternated in one session.
 
     .venv/bin/python scripts/bench.py rollout   # our rollout worker vs batched Hugging Face generate
+    .venv/bin/python scripts/bench.py rollout_vllm   # our rollout worker vs bare vLLM, same engine settings
+    .venv/bin/python scripts/bench.py rollout_tp     # a 1-way engine vs a 2-way tensor-parallel one
     .venv/bin/python scripts/bench.py learner   # our DeepSpeed update vs a bare PyTorch loop, same tokens
     .venv/bin/python scripts/bench.py sync      # weight-sync time against model size
     .venv/bin/python scripts/bench.py step      # our GRPO step phase by phase, each process's peak memory
@@ -48,12 +50,15 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--kl-coef", type=float, default=0.0, help="`step`: > 0 adds the reference model")
     parser.add_argument("--gpu", action="store_true",
                         help="one GPU shared by the learner and the rollout engine (needs the gpu extra)")
+    parser.add_argument("--model", help="model.name for rollout and learner benches (default: the demo's); "
+                        "a size of scripts' LLAMA_SIZES, e.g. 0.5B, builds that random Llama")
     parser.add_argument("--out", default="runs/bench")
     return parser
 
 
-# One GPU, shared: the engine takes a third of its memory, the learner the rest.
-GPU_OVERRIDES = ["rollout.gpus_per_worker=0.5", "learner.gpus_per_rank=0.5", "rollout.kv_cache_gib=null",
+# One GPU, colocated: learner and engine share it (two processes on one GPU cannot form an NCCL
+# group, so the weights go by CUDA IPC); the engine's KV cache takes a third of its memory.
+GPU_OVERRIDES = ["learner.gpus_per_rank=1", "rollout.colocate=true", "rollout.kv_cache_gib=null",
                  "rollout.memory_fraction=0.3", "rollout.enforce_eager=false"]
 
 
@@ -87,8 +92,9 @@ def _demo_setup(args, extra: list[str] = ()):
     from innerloop.distributed.state.model_prep import resolve_model
     from innerloop.distributed.run.questions import load_questions
 
+    model = [] if not args.model else [f"model.name={llama_model(args.model) if args.model in LLAMA_SIZES else args.model}"]
     cfg = load_config(None, [f"rollout.max_tokens={args.max_tokens}", f"rollout.group_size={args.group_size}",
-                             f"rollout.questions_per_step={args.questions}", *_overrides(args), *extra])
+                             f"rollout.questions_per_step={args.questions}", *model, *_overrides(args), *extra])
     return cfg, resolve_model(cfg.model.name), load_questions(cfg.tasks)[0][: args.questions]
 
 
@@ -148,6 +154,68 @@ def _hf_generate(model, prompts: list[list[int]], tokenizer, cfg, args, seed: in
         stop = row.index(tokenizer.eos_token_id) + 1 if tokenizer.eos_token_id in row else len(row)
         tokens += stop
     return tokens, seconds
+
+
+def bench_rollout_vllm(args) -> dict:
+    """Our rollout worker against bare vLLM: the same engine settings, prompts and sampling, both
+    engines up at once and their generations alternated, --reps times (a noisy machine slows both).
+    Our overhead is what the worker adds: the sampler's log-probs, scoring, trajectory records."""
+    from vllm import LLM, SamplingParams, TokensPrompt
+
+    from innerloop.actors.rollout import _max_model_len
+
+    cfg, model_path, questions = _demo_setup(args)
+    worker = _rollout_worker(cfg, model_path)
+    rollout = cfg.rollout
+    kv_bytes = int(rollout.kv_cache_gib * 2**30) if rollout.kv_cache_gib else None
+    bare = LLM(model=model_path, dtype=cfg.model.dtype, seed=cfg.train.seed, gpu_memory_utilization=rollout.memory_fraction,
+               kv_cache_memory_bytes=kv_bytes, max_model_len=_max_model_len(model_path, rollout.max_model_len),
+               enforce_eager=rollout.enforce_eager, enable_prefix_caching=True)
+    params = SamplingParams(n=args.group_size, temperature=rollout.temperature, top_p=rollout.top_p,
+                            max_tokens=args.max_tokens)
+    inputs = [TokensPrompt(prompt_token_ids=worker.prompt_ids(q)) for q in questions]
+    runs = []
+    for rep in range(args.reps):
+        started = time.perf_counter()
+        generated = worker.generate(questions, args.group_size, seed=rep)
+        ours_s = time.perf_counter() - started
+        ours_tokens = sum(len(t.completion_ids) for t in generated.trajectories)
+        started = time.perf_counter()
+        bare_tokens = sum(len(c.token_ids) for out in bare.generate(inputs, params, use_tqdm=False) for c in out.outputs)
+        bare_s = time.perf_counter() - started
+        runs.append({"ours_tokens_per_s": ours_tokens / ours_s, "ours_engine_tokens_per_s": ours_tokens /
+                     generated.engine_seconds, "bare_tokens_per_s": bare_tokens / bare_s})
+        print(f"rep {rep}: ours {runs[-1]['ours_tokens_per_s']:.0f} tok/s (engine alone "
+              f"{runs[-1]['ours_engine_tokens_per_s']:.0f}), bare vLLM {runs[-1]['bare_tokens_per_s']:.0f}", flush=True)
+    worker.close()
+    ours, engine, theirs = (_median_runs(runs, k) for k in ("ours_tokens_per_s", "ours_engine_tokens_per_s",
+                                                            "bare_tokens_per_s"))
+    return {"bench": "rollout_vllm", "workload": _workload(args), "ours_tokens_per_s": round(ours, 1),
+            "ours_engine_tokens_per_s": round(engine, 1), "bare_vllm_tokens_per_s": round(theirs, 1),
+            "ratio": round(ours / theirs, 3), "engine_ratio": round(engine / theirs, 3), "runs": runs}
+
+
+def bench_rollout_tp(args) -> dict:
+    """Our rollout worker with a 1-way engine against a 2-way tensor-parallel one (each shard on its
+    own share of the cores or its own GPU), the same prompts and sampling, one engine at a time."""
+    cfg, model_path, questions = _demo_setup(args)
+    rows = {}
+    for shards in (1, 2):
+        cfg.rollout.tensor_parallel = shards
+        worker = _rollout_worker(cfg, model_path)
+        rows[shards] = [_timed_tokens(lambda rep: [len(t.completion_ids) for t in worker.generate(
+            questions, args.group_size, seed=rep).trajectories], rep) for rep in range(args.reps)]
+        worker.close()
+    one, two = statistics.median(rows[1]), statistics.median(rows[2])
+    return {"bench": "rollout_tp", "workload": _workload(args), "tp1_tokens_per_s": round(one, 1),
+            "tp2_tokens_per_s": round(two, 1), "ratio": round(two / one, 3), "tp1_runs": rows[1], "tp2_runs": rows[2]}
+
+
+def _timed_tokens(generate, rep: int) -> float:
+    """Tokens per second of one generation (`generate(rep)` returns each completion's length)."""
+    started = time.perf_counter()
+    tokens = sum(generate(rep))
+    return tokens / (time.perf_counter() - started)
 
 
 def _workload(args) -> str:
@@ -232,7 +300,7 @@ def bench_sync(args) -> dict:
     from innerloop.distributed.cluster.fleet import Fleet
     from innerloop.distributed.state.model_prep import resolve_model
 
-    models = {"tiny": _tiny_model(), "135M": resolve_model("smollm2-135m-instruct"), "0.5B": _half_billion_model()}
+    models = {"tiny": _tiny_model(), "135M": resolve_model("smollm2-135m-instruct"), "0.5B": llama_model("0.5B")}
     rows = []
     for name, path in models.items():
         dtype = "float32" if name == "tiny" else "bfloat16"
@@ -259,9 +327,16 @@ def _tiny_model() -> Path:
     return folder if (folder / "config.json").is_file() else build_tiny_model(folder)
 
 
-def _half_billion_model() -> Path:
-    """A ~0.5B Llama with random weights and the demo model's tokenizer: sync time depends on size only."""
-    folder = _bench_cache() / "llama-0.5b"
+# Llama shapes with random weights and the demo model's tokenizer: sync time depends on size only.
+LLAMA_SIZES = {  # hidden, intermediate, layers, attention heads, key-value heads
+    "0.5B": (1536, 4096, 16, 24, 8),
+    "1.5B": (2048, 5632, 28, 16, 8),
+}
+
+
+def llama_model(size: str) -> Path:
+    """A Llama of about `size` parameters (LLAMA_SIZES), built once into the bench cache."""
+    folder = _bench_cache() / f"llama-{size.lower()}"
     if (folder / "config.json").is_file():
         return folder
     import torch
@@ -269,11 +344,11 @@ def _half_billion_model() -> Path:
 
     from innerloop.distributed.state.model_prep import resolve_model
 
-    demo = resolve_model("smollm2-135m-instruct")
-    tokenizer = AutoTokenizer.from_pretrained(demo)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=1536, intermediate_size=4096, num_hidden_layers=16,
-                         num_attention_heads=24, num_key_value_heads=8, max_position_embeddings=2048,
-                         tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model("smollm2-135m-instruct"))
+    hidden, intermediate, layers, heads, kv_heads = LLAMA_SIZES[size]
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=intermediate,
+                         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                         max_position_embeddings=2048, tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
                          eos_token_id=tokenizer.eos_token_id)
     model = LlamaForCausalLM(config).to(torch.bfloat16)
     model.save_pretrained(folder)
@@ -370,7 +445,8 @@ def _role(process) -> str:
     return process.name()
 
 
-BENCHES = {"rollout": bench_rollout, "learner": bench_learner, "sync": bench_sync, "step": bench_step}
+BENCHES = {"rollout": bench_rollout, "rollout_vllm": bench_rollout_vllm, "rollout_tp": bench_rollout_tp, "learner": bench_learner, "sync": bench_sync,
+           "step": bench_step}
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
     .venv/bin/python scripts/bench_sync.py                      # tiny, 135M, ~0.5B; 2 workers then 1
     .venv/bin/python scripts/bench_sync.py --models tiny --reps 3 --workers 1
+    python scripts/bench_sync.py --gpu --models 0.5B,1.5B --workers 1   # one GPU, colocated (CUDA IPC)
 
 For each model one fleet starts (one learner rank, the most workers asked); for each worker count
 (the pool resized down between them) the two paths sync the same weights in turn, `--reps` times
@@ -113,7 +114,8 @@ def bench_model(name: str, path: Path, args) -> list[dict]:
 
     dtype = "float32" if name == "tiny" else "bfloat16"
     workers = sorted(args.workers, reverse=True)
-    cfg = load_config(None, [f"model.name={path}", f"model.dtype={dtype}", "rollout.kv_cache_gib=0.25",
+    device = bench.GPU_OVERRIDES if args.gpu else ["rollout.kv_cache_gib=0.25"]
+    cfg = load_config(None, [f"model.name={path}", f"model.dtype={dtype}", *device,
                              "rollout.max_model_len=512", f"rollout.workers={workers[0]}",
                              f"rollout.sync_bucket_mb={args.bucket_mb}"])
     fleet = Fleet.start(cfg, str(path))
@@ -140,6 +142,7 @@ def main() -> int:
     parser.add_argument("--workers", default="2,1", type=lambda s: [int(x) for x in s.split(",")])
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--bucket-mb", type=float, default=64.0)
+    parser.add_argument("--gpu", action="store_true", help="one GPU, colocated: transfer is then CUDA IPC")
     parser.add_argument("--out", default="runs/bench")
     args = parser.parse_args()
     import ray
@@ -147,11 +150,11 @@ def main() -> int:
     from innerloop.distributed.state.model_prep import resolve_model
 
     builders = {"tiny": bench._tiny_model, "135M": lambda: Path(resolve_model("smollm2-135m-instruct")),
-                "0.5B": bench._half_billion_model}
+                "0.5B": lambda: bench.llama_model("0.5B"), "1.5B": lambda: bench.llama_model("1.5B")}
     rows = [row for name in args.models.split(",") for row in bench_model(name, builders[name](), args)]
     ray.shutdown()
     result = {"bench": "sync_paths", "rows": rows, "command": " ".join(["scripts/bench_sync.py", *sys.argv[1:]]),
-              "machine": bench._machine(argparse.Namespace(gpu=False))}
+              "machine": bench._machine(argparse.Namespace(gpu=args.gpu))}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "sync_paths.json").write_text(json.dumps(result, indent=1))

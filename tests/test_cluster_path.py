@@ -103,3 +103,15 @@ def test_ipc_buckets_share_parameters_in_place_and_copy_only_what_needs_another_
     assert infos[0]["ipc_handles"] == [{"GPU-1": ("handle", 1)}, {"GPU-1": ("handle", 2)}]
     assert shared[0] is not None and shared[0].data_ptr() == named[0][1].data_ptr()  # no copy
     assert [c.dtype for c in copies] == [torch.bfloat16, torch.bfloat16] and copies[1].is_contiguous()
+
+
+def test_tensor_parallel_must_split_the_attention_heads_evenly(tmp_path):
+    from transformers import LlamaConfig
+
+    from innerloop.distributed.run.checks import check_shards_divide
+
+    LlamaConfig(num_attention_heads=9, num_key_value_heads=3, hidden_size=576).save_pretrained(tmp_path)
+    check_shards_divide(load_config(None, ["rollout.tensor_parallel=3"]), str(tmp_path))
+    with pytest.raises(ConfigError, match=r"rollout.tensor_parallel=2 cannot split .*'s 9 attention heads evenly; "
+                                          r"choose a divisor of 9 \(the widest below 2: 1\)"):
+        check_shards_divide(load_config(None, ["rollout.tensor_parallel=2"]), str(tmp_path))

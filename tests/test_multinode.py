@@ -15,6 +15,18 @@ import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
+
+def _script_result(script: str, *args: str, timeout: float = 300) -> dict:
+    """Run a script in a fresh Python (its own Ray cluster) and return what it printed after RESULT."""
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    env.pop("RAY_ADDRESS", None)
+    done = subprocess.run([sys.executable, "-c", script, *args], cwd=REPO_ROOT, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    assert done.returncode == 0 and lines, done.stdout[-3000:] + done.stderr[-5000:]
+    return json.loads(lines[0].removeprefix("RESULT "))
+
+
 SCRIPT = r"""
 import json, os
 import ray
@@ -60,13 +72,7 @@ cluster.shutdown()
 
 @pytest.mark.integration
 def test_learners_and_rollout_workers_get_one_gpu_each_across_two_nodes():
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
-    env.pop("RAY_ADDRESS", None)
-    done = subprocess.run([sys.executable, "-c", SCRIPT], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
-                          timeout=300)
-    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-    assert done.returncode == 0 and lines, done.stdout[-3000:] + done.stderr[-3000:]
-    result = json.loads(lines[0].removeprefix("RESULT "))
+    result = _script_result(SCRIPT)
 
     assert result["gpus"] == [1, 1, 1, 1]
     nodes = [node for node, _ in result["where"]]
@@ -143,13 +149,7 @@ def test_a_node_joining_mid_run_brings_a_worker_and_its_loss_loses_nothing(tmp_p
     """Real stack (tiny model) on Ray's simulated cluster: a node added mid-run gets a rollout worker
     (rollout.max_workers); removing that node mid-run drops the worker, its questions are redone by
     the others, and every step still trains on all its questions."""
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
-    env.pop("RAY_ADDRESS", None)
-    done = subprocess.run([sys.executable, "-c", ELASTIC_SCRIPT, str(tmp_path)], cwd=REPO_ROOT, env=env,
-                          capture_output=True, text=True, timeout=600)
-    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-    assert done.returncode == 0 and lines, done.stdout[-3000:] + done.stderr[-5000:]
-    result = json.loads(lines[0].removeprefix("RESULT "))
+    result = _script_result(ELASTIC_SCRIPT, str(tmp_path), timeout=600)
 
     assert result["steps"] == 24
     whole_step = result["questions"] * result["group"]
@@ -202,16 +202,6 @@ print("RESULT " + json.dumps({"tp": tensor_parallel, "colocated": colocated, "to
 ray.shutdown()
 cluster.shutdown()
 """
-
-
-def _script_result(script: str, *args: str) -> dict:
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
-    env.pop("RAY_ADDRESS", None)
-    done = subprocess.run([sys.executable, "-c", script, *args], cwd=REPO_ROOT, env=env, capture_output=True,
-                          text=True, timeout=300)
-    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-    assert done.returncode == 0 and lines, done.stdout[-3000:] + done.stderr[-3000:]
-    return json.loads(lines[0].removeprefix("RESULT "))
 
 
 @pytest.mark.integration

@@ -33,6 +33,7 @@ def check_run(cfg: Config) -> CheckedInputs:
     _check_pool(cfg, train)
     _check_memory(cfg)
     check_devices(cfg)
+    check_shards_divide(cfg, model_path)
     return CheckedInputs(model_path, train, held_out)
 
 
@@ -103,3 +104,17 @@ def check_devices(cfg: Config) -> None:
     if rollout.tensor_parallel > 1 and rollout.gpus_per_worker == 0 and rollout.tensor_parallel > cores:
         raise ConfigError(f"rollout.tensor_parallel={rollout.tensor_parallel} on CPU puts each shard on cores of "
                           f"its own, but this machine has {cores}; lower rollout.tensor_parallel to {cores} or less")
+
+
+def check_shards_divide(cfg: Config, model_path: str) -> None:
+    """A tensor-parallel engine splits the attention heads evenly over its shards (vLLM's rule)."""
+    shards = cfg.rollout.tensor_parallel
+    if shards == 1:
+        return
+    from transformers import AutoConfig
+
+    heads = getattr(AutoConfig.from_pretrained(model_path), "num_attention_heads", None)
+    if heads and heads % shards:
+        fits = [k for k in range(1, heads + 1) if heads % k == 0 and k < shards] or [1]
+        raise ConfigError(f"rollout.tensor_parallel={shards} cannot split {cfg.model.name}'s {heads} attention "
+                          f"heads evenly; choose a divisor of {heads} (the widest below {shards}: {fits[-1]})")
