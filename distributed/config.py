@@ -143,7 +143,14 @@ class LearnerConfig(Section):
     # A token budget instead: each micro-batch holds as many length-sorted samples as fit in this many
     # padded tokens (rows x longest row); micro_batch_size is then unused. null: micro_batch_size.
     max_tokens_per_micro_batch: int | None = Field(None, ge=1)
+    # Padding-free micro-batches: a micro-batch's samples end to end in one row, attention kept within
+    # each sample (transformers' block mask from position ids); the token budget then counts real
+    # tokens. docs/performance.md has what it buys on the CPU's attention.
+    packing: bool = False
     gradient_checkpointing: bool = False  # trades compute for memory; a 135M model fits without it
+    # DeepSpeed's gradient-reduce and parameter all-gather buckets, in elements. null: sized from the
+    # model (its largest parameter; docs/performance.md has the memory it saves); DeepSpeed's own is 5e8.
+    bucket_elements: int | None = Field(None, ge=1)
     threads: int = Field(0, ge=0)  # torch threads per rank; 0 = the machine's cores / ranks
     gpus_per_rank: float = Field(0.0, ge=0.0)
 
@@ -152,6 +159,9 @@ class LearnerConfig(Section):
     def _betas_in_range(self) -> "LearnerConfig":
         if not all(0.0 <= b < 1.0 for b in self.betas):
             raise ValueError(f"learner.betas {list(self.betas)}: Adam's betas must each be in [0, 1), e.g. [0.9, 0.999]")
+        if self.bucket_elements is not None and self.bucket_elements % 2:
+            raise ValueError(f"learner.bucket_elements = {self.bucket_elements}: DeepSpeed needs an even count; "
+                             f"use {self.bucket_elements + 1}, or null to size it from the model")
         return self
 
 

@@ -62,17 +62,21 @@ def micro_batches(samples: list[TrainingSample], size: int) -> list[list[Trainin
     return [samples[i : i + size] for i in range(0, len(samples), size)]
 
 
-def token_budget_micro_batches(samples: list[TrainingSample], max_tokens: int) -> list[list[TrainingSample]]:
-    """Consecutive samples (length-sorted: `shard_for_rank`'s order) while rows x longest row, the
-    padded tokens a micro-batch costs, stays within `max_tokens`; a longer sample goes alone."""
+def token_budget_micro_batches(samples: list[TrainingSample], max_tokens: int,
+                               packed: bool = False) -> list[list[TrainingSample]]:
+    """Consecutive samples (length-sorted: `shard_for_rank`'s order) while the tokens a micro-batch
+    costs stay within `max_tokens`: rows x longest row when padded, the sum of lengths when packed
+    (learners/forward.py). A longer sample goes alone."""
+    def cost(chunk: list[TrainingSample]) -> int:
+        lengths = [len(s.input_ids) for s in chunk]
+        return sum(lengths) if packed else len(lengths) * max(lengths)
+
     chunks: list[list[TrainingSample]] = []
     for sample in samples:
-        if chunks:
-            longest = max(len(sample.input_ids), max(len(s.input_ids) for s in chunks[-1]))
-            if (len(chunks[-1]) + 1) * longest <= max_tokens:
-                chunks[-1].append(sample)
-                continue
-        chunks.append([sample])
+        if chunks and cost(chunks[-1] + [sample]) <= max_tokens:
+            chunks[-1].append(sample)
+        else:
+            chunks.append([sample])
     return chunks
 
 
@@ -91,13 +95,13 @@ def split_to_count(chunks: list[list[TrainingSample]], count: int) -> list[list[
 
 
 def rank_micro_batches(samples: list[TrainingSample], rank: int, world_size: int, micro_batch_size: int,
-                       max_tokens: int | None) -> list[list[TrainingSample]]:
+                       max_tokens: int | None, packed: bool = False) -> list[list[TrainingSample]]:
     """This rank's micro-batches of `samples` (the whole batch, as every rank sees it): fixed
     `micro_batch_size` samples each, or under a token budget as many as fit, every rank running the
     same number of micro-batches."""
     if max_tokens is None:
         return micro_batches(shard_for_rank(samples, rank, world_size), micro_batch_size)
-    per_rank = [token_budget_micro_batches(shard_for_rank(samples, r, world_size), max_tokens)
+    per_rank = [token_budget_micro_batches(shard_for_rank(samples, r, world_size), max_tokens, packed)
                 for r in range(world_size)]
     return split_to_count(per_rank[rank], max(len(chunks) for chunks in per_rank))
 

@@ -76,10 +76,11 @@ class Learner(ColocatedWeights):
         if self._cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
-                                          config=self._deepspeed_config(), lr_scheduler=self._schedule)
+                                          config=self._deepspeed_config(bucket_elements(model, self._cfg)),
+                                          lr_scheduler=self._schedule)
         return engine
 
-    def _deepspeed_config(self) -> dict:
+    def _deepspeed_config(self, bucket: int) -> dict:
         cfg = self._cfg
         return {
             "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
@@ -87,7 +88,9 @@ class Learner(ColocatedWeights):
             "gradient_accumulation_steps": 1,
             "gradient_clipping": cfg.grad_clip,
             "bf16": {"enabled": self._dtype == torch.bfloat16},
-            "zero_optimization": {"stage": cfg.zero_stage},
+            # Buckets sized from the model (`bucket_elements`), not DeepSpeed's 5e8 elements.
+            "zero_optimization": {"stage": cfg.zero_stage, "reduce_bucket_size": bucket, "allgather_bucket_size": bucket,
+                                  "stage3_prefetch_bucket_size": bucket},
             "optimizer": {"type": "AdamW", "params": {
                 "lr": cfg.lr, "betas": list(cfg.betas), "weight_decay": cfg.weight_decay,
                 "torch_adam": True}},
@@ -121,7 +124,8 @@ class Learner(ColocatedWeights):
         fixed = [None] * len(parts)
         if algo.optimizer_steps > 1:
             self.engine.train()  # the mode the steps' forwards run in
-            fixed = update_steps.fix_logprobs(self.engine, self._reference, parts, self._temperature, self.engine.device)
+            fixed = update_steps.fix_logprobs(self.engine, self._reference, parts, self._temperature, self.engine.device,
+                                              self._cfg.packing)
         steps = []
         for _ in range(algo.epochs):
             for part, part_fixed in zip(parts, fixed):
@@ -132,7 +136,7 @@ class Learner(ColocatedWeights):
 
     def _policy_loss(self, index: int, batch, normalizers, fixed, timings: dict[str, float]):
         return update_steps.policy_loss(self.engine, self._reference, batch, normalizers, self._algo, self._temperature,
-                                        None if fixed is None else fixed[index], timings)
+                                        None if fixed is None else fixed[index], timings, self._cfg.packing)
 
     def sft_update(self, samples: list[TrainingSample], normalizer: float) -> UpdateMetrics:
         """One optimizer step of supervised fine-tuning: the negative log-likelihood of the samples'
@@ -145,13 +149,11 @@ class Learner(ColocatedWeights):
         started = time.perf_counter()
         (part,) = self._plan(samples, 1)
         step = self._step(part, lambda index, batch: update_steps.nll_loss(
-            self.engine, batch, normalizer, self._algo.aggregation, self._temperature))
+            self.engine, batch, normalizer, self._algo.aggregation, self._temperature, self._cfg.packing))
         return self._metrics([step], 1, NllSums, started)
 
     def _plan(self, samples: list[TrainingSample], mini_batches: int):
-        cfg = self._cfg
-        return update_steps.plan(samples, mini_batches, self.rank, self.world_size, cfg.micro_batch_size,
-                                 cfg.max_tokens_per_micro_batch, self._pad_id)
+        return update_steps.plan(samples, mini_batches, self.rank, self.world_size, self._cfg, self._pad_id)
 
     def _step(self, part, micro_batch_loss, gradient_scale: float = 1.0) -> update_steps.StepResult:
         try:
@@ -348,6 +350,16 @@ def _deepspeed_state_types() -> list:
     from deepspeed.utils.tensor_fragment import fragment_address
 
     return [LossScaler, ZeroStageEnum, fragment_address]
+
+
+def bucket_elements(model, cfg: LearnerConfig) -> int:
+    """DeepSpeed's reduce and all-gather bucket, in elements: learner.bucket_elements, or the model's
+    largest parameter (a bucket then holds at least one whole gradient) rounded up to whole MiB-counts of
+    elements (DeepSpeed needs an even count), never more than DeepSpeed's own 5e8."""
+    if cfg.bucket_elements is not None:
+        return cfg.bucket_elements
+    largest = max(p.numel() for p in model.parameters())
+    return min(-(-largest // 2**20) * 2**20, 500_000_000)
 
 
 def _frozen(model):

@@ -16,11 +16,12 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from innerloop.distributed.config import AlgorithmConfig
+from innerloop.distributed.config import AlgorithmConfig, LearnerConfig
 from innerloop.distributed.records import TrainingSample
 from innerloop.learners import grpo
 from innerloop.learners.batching import MicroBatch, collate, rank_micro_batches, split_mini_batches
-from innerloop.learners.logprobs import entropy_from_logits, token_logprobs
+from innerloop.learners.forward import forward
+from innerloop.learners.logprobs import entropy_from_logits
 from innerloop.learners.off_policy import sampler_correction_weights
 
 Metrics = dict[str, Tensor]
@@ -45,11 +46,15 @@ class StepResult:
 MicroBatchLoss = Callable[[int, MicroBatch], tuple[Tensor, Metrics]]  # (index in the step, batch)
 
 
-def plan(samples: list[TrainingSample], mini_batches: int, rank: int, world_size: int, micro_batch_size: int,
-         max_tokens: int | None, pad_id: int) -> list[list[MicroBatch]]:
+def plan(samples: list[TrainingSample], mini_batches: int, rank: int, world_size: int, cfg: LearnerConfig,
+         pad_id: int) -> list[list[MicroBatch]]:
     """This rank's micro-batches of each mini-batch of the whole batch (collated, on the CPU)."""
-    return [[collate(chunk, pad_id) for chunk in rank_micro_batches(part, rank, world_size, micro_batch_size, max_tokens)]
-            for part in split_mini_batches(samples, mini_batches)]
+    def micro(part: list[TrainingSample]) -> list[MicroBatch]:
+        chunks = rank_micro_batches(part, rank, world_size, cfg.micro_batch_size, cfg.max_tokens_per_micro_batch,
+                                    cfg.packing)
+        return [collate(chunk, pad_id) for chunk in chunks]
+
+    return [micro(part) for part in split_mini_batches(samples, mini_batches)]
 
 
 def optimizer_step(engine, chunks: list[MicroBatch], micro_batch_loss: MicroBatchLoss, *, world_size: int,
@@ -92,37 +97,17 @@ def combine(steps: list[StepResult], epochs: int) -> tuple[dict[str, float], flo
     return sums, sum(s.grad_norm for s in steps) / len(steps)
 
 
-# ---------------------------------------------------------------- the model's log-probs
-
-
-def first_predicting_position(loss_mask: Tensor) -> int:
-    """The last prompt position of the row whose completion starts first: from there on, logits
-    predict tokens that carry loss. (A row without loss tokens gives 0: everything is kept.)"""
-    return max(0, int(loss_mask.argmax(dim=1).min()) - 1)
-
-
-def left_pad(values: Tensor, start: int) -> Tensor:
-    """[B, T - start] per-position values back to [B, T], zero before `start` (prompt positions)."""
-    return torch.nn.functional.pad(values, (start, 0))
-
-
-def tail_logprobs(model, batch: MicroBatch, temperature: float) -> tuple[Tensor, Tensor, int]:
-    """`model`'s logits from the first predicting position `start` on only, [B, T - start, V] (the LM
-    head, the largest matmul of a small model, and the log-softmax passes skip the prompt positions no
-    loss is taken at); the log-probs of logits / temperature, left-padded to [B, T]; and `start`."""
-    start = first_predicting_position(batch.loss_mask)
-    keep = batch.input_ids.shape[1] - start
-    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, logits_to_keep=keep).logits
-    return logits, left_pad(token_logprobs(logits, batch.input_ids[:, start:], temperature=temperature), start), start
+# ---------------------------------------------------------------- fixed per batch
 
 
 @torch.no_grad()
-def fix_logprobs(model, reference, plan_: list[list[MicroBatch]], temperature: float, device) -> list[list[FixedLogprobs]]:
+def fix_logprobs(model, reference, plan_: list[list[MicroBatch]], temperature: float, device,
+                 packed: bool = False) -> list[list[FixedLogprobs]]:
     """The old (and reference) log-probs of every micro-batch, under the weights before the first step."""
     def fixed(batch: MicroBatch) -> FixedLogprobs:
         batch = batch.to(device)
-        ref = None if reference is None else tail_logprobs(reference, batch, temperature)[1]
-        return FixedLogprobs(tail_logprobs(model, batch, temperature)[1], ref)
+        ref = None if reference is None else forward(reference, batch, temperature, packed).logprobs
+        return FixedLogprobs(forward(model, batch, temperature, packed).logprobs, ref)
 
     return [[fixed(batch) for batch in part] for part in plan_]
 
@@ -130,8 +115,8 @@ def fix_logprobs(model, reference, plan_: list[list[MicroBatch]], temperature: f
 # ---------------------------------------------------------------- micro-batch losses
 
 
-def nll_loss(model, batch: MicroBatch, normalizer: float, aggregation: str, temperature: float):
-    _, logprobs, _ = tail_logprobs(model, batch, temperature)
+def nll_loss(model, batch: MicroBatch, normalizer: float, aggregation: str, temperature: float, packed: bool = False):
+    logprobs = forward(model, batch, temperature, packed).logprobs
     return grpo.sft_nll_loss(logprobs, batch.loss_mask, normalizer, aggregation)
 
 
@@ -147,21 +132,23 @@ def importance_weights(old: Tensor, batch: MicroBatch, algo: AlgorithmConfig) ->
 
 
 def policy_loss(model, reference, batch: MicroBatch, normalizers: grpo.LossNormalizers, algo: AlgorithmConfig,
-                temperature: float, fixed: FixedLogprobs | None, timings: dict[str, float]) -> tuple[Tensor, Metrics]:
+                temperature: float, fixed: FixedLogprobs | None, timings: dict[str, float],
+                packed: bool = False) -> tuple[Tensor, Metrics]:
     """One micro-batch's GRPO loss. `fixed`: the batch's old and reference log-probs (several steps
     per batch); None: one step per batch, old = current detached (ratio 1) and the reference now."""
-    logits, logprobs, start = tail_logprobs(model, batch, temperature)
+    out = forward(model, batch, temperature, packed)
+    logprobs = out.logprobs
     # Entropy as a metric needs no graph (that would double the logits' memory); as a loss term it does.
     with torch.set_grad_enabled(algo.entropy_coef != 0.0):
-        source = logits if algo.entropy_coef != 0.0 else logits.detach()
-        entropy = left_pad(entropy_from_logits(source, temperature=temperature), start)
-    del logits, source
+        source = out.logits if algo.entropy_coef != 0.0 else out.logits.detach()
+        entropy = out.to_positions(entropy_from_logits(source, temperature=temperature))
+    del out, source
     old = logprobs.detach() if fixed is None else fixed.old
     ref_logprobs = None if fixed is None else fixed.reference
     if fixed is None and reference is not None:
         started = time.perf_counter()
         with torch.no_grad():
-            ref_logprobs = tail_logprobs(reference, batch, temperature)[1]
+            ref_logprobs = forward(reference, batch, temperature, packed).logprobs
         timings["reference"] = timings.get("reference", 0.0) + time.perf_counter() - started
     is_weights, bounded = importance_weights(old, batch, algo)
     loss, metrics = grpo.grpo_loss(

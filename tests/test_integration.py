@@ -841,6 +841,91 @@ def test_a_learner_killed_mid_run_restarts_from_the_last_checkpoint(stack, tmp_p
     torch.testing.assert_close(stack.engine_logprobs(), stack.learner_logprobs(), atol=LOGPROB_ATOL, rtol=0)
 
 
+@pytest.mark.integration
+def test_mini_batches_clip_and_resume_exactly_with_the_kl_reference_at_the_sft_model(stack, tmp_path):
+    """algorithm.mini_batches=2 with a KL term on the real DeepSpeed learner, after an SFT step: the
+    reference is the SFT model (kl_reference start), the second mini-batch clips, and a checkpoint
+    (which carries the reference) loaded by fresh learners makes bitwise the same next update."""
+    import ray
+
+    from innerloop.distributed.cluster.fleet import Fleet
+    from innerloop.distributed.run.questions import load_questions
+    from innerloop.distributed.run.samples import (build_samples, group_advantages, group_by_question,
+                                                   loss_normalizers, sft_normalizer)
+
+    cfg = load_config(None, [*_overrides(stack.model), "algorithm.mini_batches=2", "algorithm.kl_coef=0.1",
+                             "algorithm.clip_low=0.01", "algorithm.clip_high=0.01", "learner.lr=1e-2"])
+    assert cfg.algorithm.kl_reference == "start"
+    questions = load_questions(cfg.tasks)[0][: 2 * cfg.rollout.questions_per_step]
+    batches = []
+    for part in (questions[: cfg.rollout.questions_per_step], questions[cfg.rollout.questions_per_step :]):
+        groups = group_by_question(stack.fleet.rollouts.generate(part, cfg.rollout.group_size))
+        batches.append(build_samples(groups, group_advantages(groups, cfg.algorithm), cfg.algorithm))
+    sft_samples, first, second = batches[0], batches[0], batches[1]
+
+    def weights(learner):  # runs in the actor
+        return {k: v.detach().clone() for k, v in learner.engine.module.state_dict().items()}
+
+    def reference(learner):
+        return {k: v.detach().clone() for k, v in learner._reference.state_dict().items()}
+
+    writer = Fleet.start(cfg, str(stack.model), rollout_workers=0)
+    reader = None
+    try:
+        writer.sft_update(sft_samples, sft_normalizer(sft_samples, cfg.algorithm.aggregation))
+        sft_model = ray.get(writer.learners[0].__ray_call__.remote(weights))
+        grpo_first = writer.update(first, loss_normalizers(first, cfg.algorithm))
+        held = ray.get(writer.learners[0].__ray_call__.remote(reference))
+        assert held.keys() <= sft_model.keys() and all(torch.equal(held[k], sft_model[k]) for k in held)
+        assert grpo_first.sums.clipped_tokens > 0 and grpo_first.sums.kl > 0  # the second mini-batch moved
+        writer.save_learners(tmp_path / "deepspeed", "state")
+        expected = writer.update(second, loss_normalizers(second, cfg.algorithm))
+
+        reader = Fleet.start(cfg, str(stack.model), rollout_workers=0)
+        reader.load_learners(tmp_path / "deepspeed", "state")
+        restored = ray.get(reader.learners[0].__ray_call__.remote(reference))
+        assert all(torch.equal(restored[k], held[k]) for k in held)
+        got = reader.update(second, loss_normalizers(second, cfg.algorithm))
+        assert got.sums == expected.sums and got.grad_norm == expected.grad_norm
+        after_writer, after_reader = ray.get([f.learners[0].__ray_call__.remote(weights) for f in (writer, reader)])
+        assert all(torch.equal(after_reader[k], after_writer[k]) for k in after_writer)
+    finally:
+        for fleet in (writer, reader):
+            if fleet is not None:
+                fleet.shutdown()
+
+
+
+@pytest.mark.integration
+def test_packed_token_budget_micro_batches_on_two_ranks_make_the_padded_update(stack):
+    """learner.packing with a token budget, on two real ZeRO-2 ranks (each running as many micro-batches
+    as the other, whatever its samples' lengths): the same loss and gradient norm as one rank's
+    padded micro-batches of the same batch."""
+    from innerloop.distributed.cluster.fleet import Fleet
+    from innerloop.distributed.run.questions import load_questions
+    from innerloop.distributed.run.samples import build_samples, group_advantages, group_by_question, loss_normalizers
+
+    padded_cfg = load_config(None, _overrides(stack.model))
+    packed_cfg = load_config(None, [*_overrides(stack.model), "learner.ranks=2", "learner.packing=true",
+                                    "learner.max_tokens_per_micro_batch=96"])
+    questions = load_questions(padded_cfg.tasks)[0][: padded_cfg.rollout.questions_per_step]
+    groups = group_by_question(stack.fleet.rollouts.generate(questions, padded_cfg.rollout.group_size))
+    samples = build_samples(groups, group_advantages(groups, padded_cfg.algorithm), padded_cfg.algorithm)
+    normalizers = loss_normalizers(samples, padded_cfg.algorithm)
+    padded = Fleet.start(padded_cfg, str(stack.model), rollout_workers=0)
+    packed = Fleet.start(packed_cfg, str(stack.model), rollout_workers=0)
+    try:
+        want, got = padded.update(samples, normalizers), packed.update(samples, normalizers)
+        assert got.sums.tokens == want.sums.tokens
+        for key in ("loss", "grad_norm", "entropy"):
+            assert got.record()[key] == pytest.approx(want.record()[key], rel=1e-5, abs=1e-7), key
+        assert want.grad_norm > 0
+        torch.testing.assert_close(stack.learner_logprobs(packed.learners[1]), stack.learner_logprobs(padded.learners[0]),
+                                   atol=1e-4, rtol=0)
+    finally:
+        padded.shutdown()
+        packed.shutdown()
+
 # ---------------------------------------------------------------- the CLI (no Ray started)
 
 
@@ -911,3 +996,4 @@ def test_a_two_way_tensor_parallel_engine_generates_and_every_shard_takes_the_st
     finally:
         fleet.rollouts.resize(1)
         fleet.rollouts.drain_events()
+

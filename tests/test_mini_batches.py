@@ -14,6 +14,7 @@ from innerloop.distributed.records import TrainingSample
 from innerloop.distributed.run.samples import loss_normalizers
 from innerloop.learners import grpo, update_steps
 from innerloop.learners.batching import collate, micro_batches, shard_for_rank
+from innerloop.learners.forward import first_predicting_position, left_pad
 from innerloop.learners.learner import Learner
 from innerloop.learners.logprobs import token_logprobs
 from tests.test_sft_data import StandInEngine, tiny_llama
@@ -44,10 +45,11 @@ class SteppingEngine(StandInEngine):
 
 
 def learner_for(model, algorithm: AlgorithmConfig, lr: float = 0.0, micro_batch_size: int = 2,
-                max_tokens: int | None = None) -> Learner:
+                max_tokens: int | None = None, packing: bool = False) -> Learner:
     learner = Learner.__new__(Learner)  # no process group, no DeepSpeed: only what an update reads
     learner.rank, learner.world_size, learner._pad_id, learner._reference = 0, 1, 0, None
-    learner._cfg = LearnerConfig(micro_batch_size=micro_batch_size, max_tokens_per_micro_batch=max_tokens)
+    learner._cfg = LearnerConfig(micro_batch_size=micro_batch_size, max_tokens_per_micro_batch=max_tokens,
+                                 packing=packing)
     learner._algo, learner._temperature = algorithm, 0.7
     learner.engine = SteppingEngine(model, micro_batch_size, lr=lr)
     return learner
@@ -83,10 +85,10 @@ def previous_update_gradient(model, samples, normalizers, algorithm, micro_batch
     chunks = micro_batches(shard_for_rank(samples, 0, 1), micro_batch_size)
     for chunk in chunks:
         batch = collate(chunk, 0)
-        start = update_steps.first_predicting_position(batch.loss_mask)
+        start = first_predicting_position(batch.loss_mask)
         logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                        logits_to_keep=batch.input_ids.shape[1] - start).logits
-        logprobs = update_steps.left_pad(token_logprobs(logits, batch.input_ids[:, start:], temperature=0.7), start)
+        logprobs = left_pad(token_logprobs(logits, batch.input_ids[:, start:], temperature=0.7), start)
         loss, _ = grpo.grpo_loss(logprobs, logprobs.detach(), batch.advantages, batch.loss_mask, batch.update_mask,
                                  normalizers, clip_low=algorithm.clip_low, clip_high=algorithm.clip_high,
                                  aggregation=algorithm.aggregation)
@@ -227,3 +229,64 @@ def test_top_p_below_one_is_refused_where_the_samplers_logprobs_weigh_the_loss(w
     assert load_config(None, ["rollout.top_p=0.9"]).rollout.top_p == 0.9  # on-policy only: allowed
     with pytest.raises(ConfigError, match=r"rollout\.top_p = 0\.9 .*nucleus.*set rollout\.top_p=1\.0"):
         load_config(None, ["rollout.top_p=0.9", *weighing])
+
+
+# ---------------------------------------------------------------- token-budget micro-batches
+
+
+def budget_ranks(model, world_size: int, algorithm: AlgorithmConfig, max_tokens: int | None,
+                 packing: bool = False) -> list[Learner]:
+    ranks = []
+    for rank in range(world_size):
+        learner = learner_for(model, algorithm, max_tokens=max_tokens, packing=packing)
+        learner.rank, learner.world_size = rank, world_size
+        learner.engine = SteppingEngine(model, 2, world_size)  # ranks share one model: gradients add up
+        ranks.append(learner)
+    return ranks
+
+
+@pytest.mark.parametrize("packing", [False, True])
+@pytest.mark.parametrize("max_tokens", [1, 20, 40, 10_000])
+@pytest.mark.parametrize("world_size", [1, 2])
+@pytest.mark.parametrize("mini_batches", [1, 2])
+def test_the_gradient_is_the_same_however_a_token_budget_cuts_the_batch(max_tokens, world_size, mini_batches,
+                                                                        packing):
+    samples = samples_of(8)
+    algorithm = AlgorithmConfig(mini_batches=mini_batches, kl_coef=0.1, entropy_coef=0.01, aggregation="sequence")
+    normalizers = loss_normalizers(samples, algorithm)
+    fixed_model, budget_model = tiny_llama(), tiny_llama()
+    fixed = budget_ranks(fixed_model, world_size, algorithm, None)
+    budget = budget_ranks(budget_model, world_size, algorithm, max_tokens, packing)
+    for learner in fixed + budget:
+        learner._reference = tiny_llama()  # a KL term, so the reference's forward is split and packed too
+        torch.manual_seed(5)
+        with torch.no_grad():
+            for param in learner._reference.parameters():
+                param.add_(0.01 * torch.randn_like(param))
+    fixed_metrics = [learner.update(samples, normalizers) for learner in fixed]
+    budget_metrics = [learner.update(samples, normalizers) for learner in budget]
+    counts = [len(learner._plan(samples, mini_batches)[0]) for learner in budget]
+    assert len(set(counts)) == 1  # every rank runs as many micro-batches as the others
+    for got, want in zip(budget_model.parameters(), fixed_model.parameters()):
+        torch.testing.assert_close(got.grad, want.grad, rtol=1e-9, atol=1e-12)
+    for got, want in zip(budget_metrics, fixed_metrics):
+        for key in ("loss", "kl", "entropy", "tokens"):
+            torch.testing.assert_close(getattr(got.sums, key), getattr(want.sums, key), rtol=1e-9, atol=1e-12)
+    assert fixed_metrics[0].sums.kl > 0
+
+
+def test_a_token_budget_packs_length_sorted_samples_and_a_long_one_goes_alone():
+    from innerloop.learners.batching import split_to_count, token_budget_micro_batches
+
+    def sample(length):
+        return TrainingSample.of_completion((1,), (2,) * (length - 1), 1.0)
+
+    samples = [sample(n) for n in (2, 3, 3, 4, 9)]
+    chunks = token_budget_micro_batches(samples, max_tokens=9)
+    assert [[len(s.input_ids) for s in c] for c in chunks] == [[2, 3, 3], [4], [9]]  # 3 x 3 = 9 fits; 4 x 4 not
+    packed = token_budget_micro_batches(samples, max_tokens=9, packed=True)  # real tokens: 2 + 3 + 3 = 8
+    assert [[len(s.input_ids) for s in c] for c in packed] == [[2, 3, 3], [4], [9]]
+    assert [len(c) for c in token_budget_micro_batches(samples, max_tokens=12, packed=True)] == [4, 1]
+    assert [len(c) for c in split_to_count(chunks, 4)] == [1, 2, 1, 1]
+    with pytest.raises(ValueError, match="cannot fill 6 micro-batches"):
+        split_to_count(chunks, 6)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from innerloop.learners.update_steps import first_predicting_position, left_pad, tail_logprobs
+from innerloop.learners.forward import first_predicting_position, left_pad, tail_logprobs
 from innerloop.learners.logprobs import entropy_from_logits, token_logprobs
 
 
