@@ -1,5 +1,5 @@
-"""The chat-templated prompt a question becomes: one function, so the rollout worker and the SFT
-sample builder ask the policy in exactly the same tokens.
+"""The chat-templated prompt a question becomes: one function, so the rollout worker, the start-up
+length check and the SFT sample builder ask the policy in exactly the same tokens.
 
 Imports nothing heavy: the tokenizer is passed in (vLLM's, or one loaded with transformers).
 """
@@ -17,6 +17,21 @@ def chat_prompt_ids(tokenizer: Any, question_text: str, system_prompt: str, prom
         messages.insert(0, {"role": "system", "content": system_prompt})
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     # The template already holds the special tokens; encoding must not add a second BOS.
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+def question_prompt_ids(tokenizer: Any, question: Any, system_prompt: str, prompt_template: str) -> list[int]:
+    """A question's prompt as token ids: a conversational row's own messages (TRL's chat-template
+    utility renders them; `system_prompt` goes first where the row has no system turn), else the
+    question text in `prompt_template` (`chat_prompt_ids`)."""
+    if not question.messages:
+        return chat_prompt_ids(tokenizer, question.prompt, system_prompt, prompt_template)
+    from trl.data_utils import maybe_apply_chat_template
+
+    messages = [{"role": role, "content": content} for role, content in question.messages]
+    if system_prompt and messages[0]["role"] != "system":
+        messages.insert(0, {"role": "system", "content": system_prompt})
+    text = maybe_apply_chat_template({"prompt": messages}, tokenizer)["prompt"]
     return tokenizer.encode(text, add_special_tokens=False)
 
 

@@ -253,23 +253,53 @@ def _custom(completion: str, question: Question, settings: RewardSettings, path:
     return RewardResult(float(out), check.correct, check.formatted)
 
 
+def reward_fn_for(reward) -> RewardFn:
+    """The reward function a run's `reward` config section asks for."""
+    from innerloop.actors.reward_mix import components_of
+
+    return build_reward_fn(reward.kind, reward.answer_pattern, reward.format_weight, reward.custom,
+                           components_of(reward), reward.failure_reward)
+
+
 def build_reward_fn(
-    kind: str, answer_pattern: str | None = None, format_weight: float = 0.1, custom: str | None = None
+    kind: str, answer_pattern: str | None = None, format_weight: float = 0.1, custom: str | None = None,
+    functions: tuple = (), failure_reward: float = -1.0,
 ) -> RewardFn:
-    """The reward function for `kind`, as a picklable callable `fn(completion, question)`."""
+    """The reward function for `kind` (or, given `functions`, their weighted sum: reward_mix.py), as a
+    picklable callable `fn(completion, question, completion_ids=())`."""
     if answer_pattern is not None:
         _compile_pattern(answer_pattern)  # fail now, not inside the first rollout
     settings = RewardSettings(answer_pattern=answer_pattern, format_weight=format_weight)
+    if functions:
+        from innerloop.actors.reward_mix import resolve, score_mix
+
+        for component in functions:
+            try:
+                resolve(component, REWARD_KINDS)  # fails now, naming the entry
+            except ValueError as exc:
+                raise RewardConfigError(f"reward.functions: {exc}") from None
+        return functools.partial(score_mix, components=tuple(functions), settings=settings,
+                                 failure_reward=failure_reward)
     if kind == "custom":
         if not custom:
             raise RewardConfigError("reward.kind is 'custom' but reward.custom is not set; "
                                     "set reward.custom=package.module:function")
         load_custom_reward(custom)
-        return functools.partial(_custom, settings=settings, path=custom)
+        return _ignoring_ids(functools.partial(_custom, settings=settings, path=custom))
     if custom:
         raise RewardConfigError(f"reward.custom is set but reward.kind is {kind!r}; set reward.kind=custom "
                                 "to use it, or remove reward.custom")
     if kind not in REWARD_KINDS:
         known = ", ".join([*REWARD_KINDS, "custom"])
         raise RewardConfigError(f"unknown reward.kind {kind!r}; choose one of: {known}")
-    return functools.partial(REWARD_KINDS[kind], settings=settings)
+    return _ignoring_ids(functools.partial(REWARD_KINDS[kind], settings=settings))
+
+
+@dataclass(frozen=True)
+class _ignoring_ids:  # noqa: N801 - used like a function
+    """A reward of (completion, question) called as every reward is, with the completion's ids too."""
+
+    fn: Callable[[str, Question], RewardResult]
+
+    def __call__(self, completion: str, question: Question, completion_ids: tuple[int, ...] = ()) -> RewardResult:
+        return self.fn(completion, question)

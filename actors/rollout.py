@@ -13,7 +13,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from innerloop.actors.prompts import chat_prompt_ids
+from innerloop.actors.prompts import question_prompt_ids
 from innerloop.distributed.config import Config, RewardConfig, RolloutConfig, SamplingConfig
 from innerloop.distributed.records import Question, Rollout, Trajectory
 from innerloop.distributed.stacks import StackLocation, install_stack_dump, remove_stack_dump
@@ -54,7 +54,7 @@ class RolloutWorker:
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if rollout.engine_in_process else "1"
         from vllm import LLM
 
-        from innerloop.actors.rewards import build_reward_fn
+        from innerloop.actors.rewards import reward_fn_for
         from innerloop.actors.scoring import GuardedScorer
 
         self._rollout = rollout
@@ -82,7 +82,7 @@ class RolloutWorker:
         )
         self._tokenizer = self._llm.get_tokenizer()
         self._scorer = GuardedScorer(
-            build_reward_fn(reward.kind, reward.answer_pattern, reward.format_weight, reward.custom),
+            reward_fn_for(reward),
             timeout_s=reward.timeout_s, failure_reward=reward.failure_reward)
         self.policy_version = 0
         self._asleep: set[str] = set()  # colocated: the memory vLLM's sleep freed and no wake-up restored
@@ -115,7 +115,7 @@ class RolloutWorker:
 
     def prompt_ids(self, question: Question) -> list[int]:
         """The chat-templated prompt, tokenized once so trajectories carry exact prompt ids."""
-        return chat_prompt_ids(self._tokenizer, question.prompt, self._system_prompt, self._prompt_template)
+        return question_prompt_ids(self._tokenizer, question, self._system_prompt, self._prompt_template)
 
     def generate(self, questions: list[Question], samples_per_question: int,
                  sampling: SamplingConfig | None = None, seed: int | None = None) -> Rollout:
@@ -140,7 +140,7 @@ class RolloutWorker:
                                      use_tqdm=False)
         generated = time.perf_counter()
         completions = [(q, p, c) for q, p, out in zip(questions, prompts, outputs) for c in out.outputs]
-        results = self._scorer.score([(c.text, q) for q, _, c in completions])
+        results = self._scorer.score([(c.text, q, tuple(c.token_ids)) for q, _, c in completions])
         trajectories = tuple(self._trajectory(q, p, c, r) for (q, p, c), r in zip(completions, results))
         return Rollout(trajectories, generated - started, time.perf_counter() - generated)
 
@@ -151,7 +151,7 @@ class RolloutWorker:
             question_id=question.question_id, prompt_ids=tuple(prompt_ids), completion_ids=token_ids,
             logprobs=logprobs, finish_reason=str(completion.finish_reason), text=completion.text,
             reward=result.reward, correct=result.correct, formatted=result.formatted,
-            policy_version=self.policy_version, reward_error=result.error)
+            policy_version=self.policy_version, reward_error=result.error, reward_components=result.components)
 
     def sequence_logprobs(self, token_ids: list[int]) -> list[float]:
         """The engine's log-prob of each token of a fixed sequence given its prefix (first is 0)."""

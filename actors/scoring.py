@@ -17,9 +17,9 @@ from innerloop.distributed.records import Question, RewardResult
 _MAX_ERROR_CHARS = 500
 
 
-def _score_one(reward_fn: RewardFn, completion: str, question: Question) -> tuple[str, Any]:
+def _score_one(reward_fn: RewardFn, completion: str, question: Question, ids: tuple[int, ...]) -> tuple[str, Any]:
     try:
-        result = reward_fn(completion, question)
+        result = reward_fn(completion, question, ids) if ids else reward_fn(completion, question)
         _check_result(result)
     except Exception as exc:  # user code: any exception becomes that item's failure reward
         return "raised", f"{type(exc).__name__}: {exc}"[:_MAX_ERROR_CHARS]
@@ -46,8 +46,8 @@ def _worker_main(conn: Any, reward_fn: RewardFn) -> None:
             return  # the parent is gone; do not linger as an orphan
         if batch is None:
             return
-        for completion, question in batch:
-            conn.send(_score_one(reward_fn, completion, question))
+        for completion, question, *ids in batch:  # ids: the completion's tokens, where given
+            conn.send(_score_one(reward_fn, completion, question, tuple(ids[0]) if ids else ()))
 
 
 def _stop_process(process: Any, conn: Any, graceful: bool) -> None:
@@ -135,8 +135,8 @@ class GuardedScorer:
     def stats(self) -> dict[str, int]:
         return dict(self._stats)
 
-    def score(self, items: list[tuple[str, Question]]) -> list[RewardResult]:
-        """One RewardResult per (completion, question), in order."""
+    def score(self, items: list[tuple]) -> list[RewardResult]:
+        """One RewardResult per (completion, question) or (completion, question, completion_ids), in order."""
         results: list[RewardResult] = []
         try:
             while len(results) < len(items):

@@ -233,11 +233,26 @@ def _row_to_question(index: int, row: Any, source: str, question_field: str, ans
                      id_field: str | None, solution_field: str | None) -> Question:
     if not isinstance(row, dict):
         raise BadRowError(f"row is {type(row).__name__}, expected a JSON object")
-    prompt = _text(row, question_field)
+    messages = _messages(row, question_field) if isinstance(row.get(question_field), list) else ()
+    prompt = [text for role, text in messages if role == "user"][-1] if messages else _text(row, question_field)
     answer = _text(row, answer_field)
     question_id = _text(row, id_field) if id_field else f"{source}-{index}"
     solution = row.get(solution_field) if solution_field else None
-    return Question(question_id, prompt, answer, "" if solution is None else str(solution))
+    columns = tuple((k, v) for k, v in row.items() if k != question_field)  # what TRL rewards are passed
+    return Question(question_id, prompt, answer, "" if solution is None else str(solution), messages, columns)
+
+
+def _messages(row: dict[str, Any], name: str) -> tuple[tuple[str, str], ...]:
+    """A conversational prompt (TRL's format: a list of {role, content}) as (role, content) turns."""
+    from trl.data_utils import is_conversational
+
+    turns = row[name]
+    if not turns or not is_conversational({"prompt": turns}) or not all(
+            isinstance(t, dict) and isinstance(t.get("role"), str) and isinstance(t.get("content"), str) for t in turns):
+        raise BadRowError(f"field {name!r} is a list but not chat messages ({{'role': ..., 'content': ...}} each)")
+    if not any(t["role"] == "user" for t in turns):
+        raise BadRowError(f"field {name!r} holds no user message")
+    return tuple((t["role"], t["content"]) for t in turns)
 
 
 def _text(row: dict[str, Any], name: str) -> str:

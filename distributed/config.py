@@ -1,6 +1,6 @@
 """The typed experiment config: defaults are the CPU demo, every field validated before any actor starts.
 
-Every section, key, default and unit is here or in the section files it assembles (config_rollout.py); reading a file and `--set` overrides into it is
+Every section, key, default and unit is here or in the section files it assembles (config_rollout.py, config_tasks.py); reading a file and `--set` overrides into it is
 config_load.py's job. An unknown key or a value of the wrong type fails with the key and the fix named.
 """
 
@@ -14,8 +14,10 @@ from pydantic import Field, model_validator
 
 from innerloop.distributed.config_base import ConfigError, Section
 from innerloop.distributed.config_rollout import RolloutConfig, SamplingConfig
+from innerloop.distributed.config_tasks import RewardConfig, RewardFunction, TaskConfig, TrackingConfig
 
-__all__ = ["ConfigError", "RolloutConfig", "SamplingConfig"]  # re-exported: every room imports them from here
+__all__ = ["ConfigError", "RewardConfig", "RewardFunction", "RolloutConfig", "SamplingConfig", "TaskConfig",
+           "TrackingConfig"]  # re-exported: every room imports them from here
 
 
 # The inner-loop probe's suffix (PAPER.md): the paper's lead-in, then the reference answer.
@@ -35,63 +37,6 @@ class ModelConfig(Section):
     # any Hugging Face model folder works, and a hub id where the machine reaches a hub.
     name: str = "smollm2-135m-instruct"
     dtype: Literal["bfloat16", "float32"] = "bfloat16"
-
-
-class TaskConfig(Section):
-    source: Literal["synthetic", "dataset"] = "synthetic"
-    kind: Literal["addition", "arithmetic", "word", "mixed"] = "arithmetic"  # synthetic only
-    difficulty: int = Field(1, ge=1, le=6)  # digits per operand / operations / steps
-    train_count: int = Field(1000, ge=1)  # training questions in the pool
-    eval_count: int = Field(200, ge=1)  # held-out questions, never trained on
-    seed: int = 0
-    # A local dataset: JSONL, Parquet, or a `datasets.save_to_disk` folder.
-    path: str | None = None
-    question_field: str = "question"
-    answer_field: str = "answer"
-    id_field: str | None = None
-    on_bad_row: Literal["skip", "fail"] = "skip"  # rows missing a field: skip and count, or stop
-    system_prompt: str = (
-        "You are a careful math tutor. Solve the problem, then give the final answer "
-        "as \\boxed{N}. Example: What is 3 + 4? 3 + 4 = 7. The answer is \\boxed{7}."
-    )
-    # {question} is replaced by the question text.
-    prompt_template: str = "{question}\nPut the final answer in \\boxed{{}}."
-
-    @model_validator(mode="after")
-    def _dataset_needs_path(self) -> "TaskConfig":
-        if self.source == "dataset" and not self.path:
-            raise ValueError("tasks.source is 'dataset' but tasks.path is not set; set tasks.path=FILE")
-        _check_prompt_template(self.prompt_template)
-        return self
-
-
-def _check_prompt_template(template: str) -> None:
-    """The template is filled with str.format(question=...): any other placeholder, or a lone brace,
-    would fail at the first rollout; literal braces are written doubled ({{ and }})."""
-    try:
-        filled = template.format(question="\0")
-    except (KeyError, IndexError, ValueError) as exc:
-        raise ValueError(f"tasks.prompt_template {template!r} cannot be filled: {exc!r}. Its only placeholder is "
-                         "{question}; write a literal brace doubled ({{ or }}), e.g. \\boxed{{}}") from None
-    if "\0" not in filled:
-        raise ValueError(f"tasks.prompt_template {template!r} must contain '{{question}}'")
-
-
-class RewardConfig(Section):
-    # correctness | format | four_way (1 / 0 / -0.5 / -1) | correct_plus_format | custom
-    kind: str = "four_way"
-    answer_pattern: str | None = None  # regex with one group; None means the last \boxed{}
-    format_weight: float = 0.1  # correct_plus_format only
-    custom: str | None = None  # "package.module:function" when kind is custom
-    timeout_s: float = Field(5.0, gt=0.0)  # per completion; a hung reward gets failure_reward
-    failure_reward: float = -1.0
-
-    @model_validator(mode="after")
-    def _custom_needs_path(self) -> "RewardConfig":
-        if self.kind == "custom" and not self.custom:
-            raise ValueError("reward.kind is 'custom' but reward.custom is not set; "
-                             "set reward.custom=package.module:function")
-        return self
 
 
 class AlgorithmConfig(Section):
@@ -287,6 +232,7 @@ class Config(Section):
     probe: ProbeConfig = Field(default_factory=ProbeConfig)
     recovery: RecoveryConfig = Field(default_factory=RecoveryConfig)
     watchdog: WatchdogConfig = Field(default_factory=WatchdogConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
     @model_validator(mode="after")
     def _batch_divides(self) -> "Config":

@@ -10,6 +10,7 @@ Sequences are tuples so a record cannot be mutated after it is built.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields, replace
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -20,6 +21,10 @@ class Question:
     prompt: str  # the question text; the rollout worker applies the chat template
     answer: str  # reference answer the verifier compares against
     solution: str = ""  # optional worked solution (from the generator or the dataset)
+    # A conversational dataset row's prompt, as (role, content) turns; empty: `prompt` is the user turn.
+    messages: tuple[tuple[str, str], ...] = ()
+    # The row's other columns, as TRL passes them to reward functions (reward.functions).
+    columns: tuple[tuple[str, Any], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -30,6 +35,9 @@ class RewardResult:
     correct: bool  # the final answer matches the reference
     formatted: bool  # the completion has the required answer format
     error: str = ""  # non-empty when scoring raised or timed out (reward is then the failure value)
+    # reward.functions: each weighted part as (name, value or None where the function skipped the
+    # completion, error: non-empty where it failed and took the failure value); empty otherwise.
+    components: tuple[tuple[str, float | None, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -47,6 +55,7 @@ class Trajectory:
     formatted: bool
     policy_version: int  # the weights version that generated this trajectory
     reward_error: str = ""
+    reward_components: tuple[tuple[str, float | None, str], ...] = ()  # RewardResult.components
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ def main() -> int:
     from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    from innerloop.actors.rewards import build_reward_fn
+    from innerloop.actors.rewards import reward_fn_for
     from innerloop.distributed.config_load import load_config
     from innerloop.distributed.state.model_prep import resolve_model
     from innerloop.distributed.run.questions import QuestionStream, load_questions
@@ -36,7 +36,7 @@ def main() -> int:
         "prompt": [{"role": "system", "content": cfg.tasks.system_prompt},
                    {"role": "user", "content": cfg.tasks.prompt_template.format(question=q.prompt)}],
         "answer": q.answer, "question_id": q.question_id} for q in questions])
-    score = build_reward_fn(cfg.reward.kind, cfg.reward.answer_pattern, cfg.reward.format_weight, cfg.reward.custom)
+    score = reward_fn_for(cfg.reward)
 
     def reward(prompts, completions, answer, question_id, **_):
         return [score(c[0]["content"], Question(i, "", a)).reward for c, a, i in zip(completions, answer, question_id)]

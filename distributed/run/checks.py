@@ -39,16 +39,21 @@ def check_run(cfg: Config) -> CheckedInputs:
 
 def check_inputs(cfg: Config) -> tuple[list[Question], list[Question]]:
     """The reward function builds and the questions load: (training, held-out) questions."""
-    from innerloop.actors.rewards import RewardConfigError, build_reward_fn
+    from innerloop.actors.rewards import RewardConfigError, reward_fn_for
 
     try:
-        build_reward_fn(cfg.reward.kind, cfg.reward.answer_pattern, cfg.reward.format_weight, cfg.reward.custom)
+        reward_fn_for(cfg.reward)
     except RewardConfigError as exc:
         raise ConfigError(f"reward: {exc}") from None
     try:
-        return load_questions(cfg.tasks, verify_answers=cfg.reward.kind in VERIFIER_REWARDS)
+        train, held_out = load_questions(cfg.tasks, verify_answers=cfg.reward.kind in VERIFIER_REWARDS)
     except (ValueError, FileNotFoundError) as exc:
         raise ConfigError(f"tasks: {exc}") from None
+    if cfg.sft.steps and any(q.messages for q in train):
+        raise ConfigError(f"sft.steps={cfg.sft.steps} with a conversational dataset (tasks.question_field="
+                          f"{cfg.tasks.question_field} holds chat messages): the SFT stage builds its prompts from "
+                          "question text, so it is not built for chat messages yet; set sft.steps=0")
+    return train, held_out
 
 
 def _fitting(cfg: Config, model_path: str, tokenizer, questions: list[Question]) -> list[Question]:

@@ -6,7 +6,7 @@ import logging
 import random
 
 from innerloop.actors import tasks
-from innerloop.actors.prompts import chat_prompt_ids, model_length_limit
+from innerloop.actors.prompts import model_length_limit, question_prompt_ids
 from innerloop.distributed.config import Config, TaskConfig
 from innerloop.distributed.records import Question
 
@@ -55,8 +55,8 @@ def fitting_prompts(questions: list[Question], cfg: Config, model_path: str, tok
     stop the load naming the first under tasks.on_bad_row=fail. An engine never sees a prompt it refuses."""
     limit = model_length_limit(model_path, cfg.rollout.max_model_len)
     tasks_cfg = cfg.tasks
-    lengths = {q.question_id: len(chat_prompt_ids(tokenizer, q.prompt, tasks_cfg.system_prompt,
-                                                  tasks_cfg.prompt_template)) for q in questions}
+    lengths = {q.question_id: len(question_prompt_ids(tokenizer, q, tasks_cfg.system_prompt,
+                                                      tasks_cfg.prompt_template)) for q in questions}
     long = [q for q in questions if lengths[q.question_id] >= limit]
     if not long:
         return questions

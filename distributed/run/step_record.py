@@ -56,6 +56,7 @@ class RolloutSummary:
             "time_score": self.score_seconds,
             "staleness_mean": sum(staleness) / n,
             "staleness_max": max(staleness, default=0),
+            **reward_components(trajectories),
         }
 
 
@@ -74,3 +75,23 @@ class StepRecord:
         rollout = self.rollout
         stage = {"stage": "grpo", **rollout.record()} if rollout else {"stage": "sft", "sft_samples": self.sft_samples}
         return {**stage, **self.update.record(), **self.times, "policy_version": self.policy_version}
+
+
+def reward_components(trajectories: list[Trajectory]) -> dict[str, float]:
+    """reward.functions' parts: reward/NAME, the mean over the completions it scored (a None from a
+    TRL-style function leaves one out, as TRL does), and reward/NAME_failed, how many took the
+    failure reward."""
+    values: dict[str, list[float]] = {}
+    failed: dict[str, int] = {}
+    for trajectory in trajectories:
+        for name, value, error in trajectory.reward_components:
+            values.setdefault(name, [])
+            failed[name] = failed.get(name, 0) + bool(error)
+            if value is not None:
+                values[name].append(value)
+    out: dict[str, float] = {}
+    for name, scored in values.items():
+        if scored:  # every completion skipped: no mean to log
+            out[f"reward/{name}"] = sum(scored) / len(scored)
+        out[f"reward/{name}_failed"] = failed[name]
+    return out
