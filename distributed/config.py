@@ -14,10 +14,9 @@ from pydantic import Field, model_validator
 
 from innerloop.distributed.config_base import ConfigError, Section
 from innerloop.distributed.config_rollout import RolloutConfig, SamplingConfig
-from innerloop.distributed.config_tasks import RewardConfig, RewardFunction, TaskConfig, TrackingConfig
+from innerloop.distributed.config_tasks import RewardConfig, RewardFunction, TaskConfig
 
-__all__ = ["ConfigError", "RewardConfig", "RewardFunction", "RolloutConfig", "SamplingConfig", "TaskConfig",
-           "TrackingConfig"]  # re-exported: every room imports them from here
+__all__ = ["ConfigError", "RewardConfig", "RewardFunction", "RolloutConfig", "SamplingConfig", "TaskConfig"]  # re-exported: every room imports them from here
 
 
 # The inner-loop probe's suffix (PAPER.md): the paper's lead-in, then the reference answer.
@@ -232,7 +231,6 @@ class Config(Section):
     probe: ProbeConfig = Field(default_factory=ProbeConfig)
     recovery: RecoveryConfig = Field(default_factory=RecoveryConfig)
     watchdog: WatchdogConfig = Field(default_factory=WatchdogConfig)
-    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
     @model_validator(mode="after")
     def _batch_divides(self) -> "Config":

@@ -1,4 +1,4 @@
-"""The config's sections about the data and the judge: tasks, rewards, and where metrics go.
+"""The config's sections about the data and the judge: tasks and rewards.
 
 Part of the typed config (distributed/config.py assembles the sections and re-exports these).
 """
@@ -101,12 +101,3 @@ class RewardConfig(Section):
                              "set reward.custom=package.module:function")
         return self
 
-
-class TrackingConfig(Section):
-    # Where metrics go besides RUN_DIR/metrics.jsonl (always written): tensorboard (RUN_DIR/tensorboard),
-    # mlflow and wandb (optional extras: pip install "innerloop[mlflow]" / "innerloop[wandb]").
-    backends: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(default_factory=lambda: ["tensorboard"])
-    experiment: str = "innerloop"  # MLflow's experiment, W&B's project
-    run_name: str | None = None  # default: the run directory's name
-    mlflow_uri: str | None = None  # default: MLflow's own (MLFLOW_TRACKING_URI, else ./mlruns)
-    wandb_mode: Literal["online", "offline"] | None = None  # default: W&B's own (WANDB_MODE)
