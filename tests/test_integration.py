@@ -764,23 +764,28 @@ def _perturbed_transfer_sync(stack, version: int) -> float:
     return stack.fleet.sync_weights(version)
 
 
+def _assert_every_engine_holds_the_learner_weights(stack, version: int) -> None:
+    """Each engine's log-probs of the probe match the learner's (float32), tagged `version`."""
+    import ray
+
+    learner = stack.learner_logprobs()
+    for worker in stack.fleet.rollouts.workers:
+        engine = torch.tensor(ray.get(worker.sequence_logprobs.remote(stack.probe_ids), timeout=120),
+                              dtype=torch.float64)
+        torch.testing.assert_close(engine, learner, atol=LOGPROB_ATOL, rtol=0)
+        assert ray.get(worker.__ray_call__.remote(lambda w: w.policy_version), timeout=60) == version
+
+
 @pytest.mark.integration
 def test_a_streamed_sync_reaches_two_engines_exactly(stack):
     """rollout.sync transfer (the default): one group, one broadcast per bucket to both engines; each
     ends with the learner's weights (float32) and the version; the object store carries no blob."""
-    import ray
-
     fleet = stack.fleet
     assert fleet.cfg.rollout.sync == "transfer"
     fleet.rollouts.resize(2)  # the newcomer gets the current weights by the object store
     try:
         _perturbed_transfer_sync(stack, 11)
-        learner = stack.learner_logprobs()
-        for worker in fleet.rollouts.workers:
-            engine = torch.tensor(ray.get(worker.sequence_logprobs.remote(stack.probe_ids), timeout=120),
-                                  dtype=torch.float64)
-            torch.testing.assert_close(engine, learner, atol=LOGPROB_ATOL, rtol=0)
-            assert ray.get(worker.__ray_call__.remote(lambda w: w.policy_version), timeout=60) == 11
+        _assert_every_engine_holds_the_learner_weights(stack, 11)
         assert fleet.rollouts.weights.version == 11 and fleet.rollouts.weights._blob is None
     finally:
         fleet.rollouts.resize(1)
@@ -982,12 +987,7 @@ def test_a_two_way_tensor_parallel_engine_generates_and_every_shard_takes_the_st
         wide = fleet.rollouts.workers[1]
         assert ray.get(wide.shards.remote(), timeout=60) == 2
         _perturbed_transfer_sync(stack, 21)
-        learner = stack.learner_logprobs()
-        for worker in fleet.rollouts.workers:
-            engine = torch.tensor(ray.get(worker.sequence_logprobs.remote(stack.probe_ids), timeout=120),
-                                  dtype=torch.float64)
-            torch.testing.assert_close(engine, learner, atol=LOGPROB_ATOL, rtol=0)
-            assert ray.get(worker.__ray_call__.remote(lambda w: w.policy_version), timeout=60) == 21
+        _assert_every_engine_holds_the_learner_weights(stack, 21)
         from innerloop.distributed.records import Question
 
         rollout = ray.get(wide.generate.remote([Question("q", "What is 2 + 3?", "5")], 4), timeout=120)
