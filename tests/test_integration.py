@@ -931,44 +931,6 @@ def test_packed_token_budget_micro_batches_on_two_ranks_make_the_padded_update(s
         padded.shutdown()
         packed.shutdown()
 
-# ---------------------------------------------------------------- the CLI (no Ray started)
-
-
-def test_cli_train_refuses_a_run_dir_with_a_checkpoint_unless_resume(tmp_path, monkeypatch, capsys):
-    started = []
-
-    class FakeTrainer:
-        def __init__(self, cfg, run_dir, address=None, resume=False):
-            started.append((Path(run_dir), resume))
-
-        def prepare(self):
-            pass
-
-        def train(self):
-            return TrainResult(3, None, None, None, 0.0)
-
-    monkeypatch.setattr(driver, "Trainer", FakeTrainer)
-    run = tmp_path / "run"
-    (run / "checkpoints" / ".partial-step-000003").mkdir(parents=True)  # half-written: not a checkpoint
-    assert cli.main(["train", "--run-dir", str(run), "--resume"]) == 2
-    assert "holds no run (no config.yaml, no checkpoint)" in capsys.readouterr().err
-    (run / "config.yaml").write_text("train:\n  steps: 3\n")  # a run that stopped before its first checkpoint
-    assert cli.main(["train", "--run-dir", str(run), "--resume"]) == 0  # starts again from step 0
-    assert started.pop() == (run, True)
-    (run / "config.yaml").unlink()
-
-    (run / "checkpoints" / "step-000002").mkdir()
-    (run / "checkpoints" / "step-000002" / "state.json").write_text("{}")
-    assert cli.main(["train", "--run-dir", str(run)]) == 2
-    err = capsys.readouterr().err
-    assert "step-000002" in err and "--resume" in err
-    assert started == []
-
-    assert cli.main(["train", "--run-dir", str(run), "--resume"]) == 0
-    assert started == [(run, True)]
-    assert cli.main(["train", "--run-dir", str(tmp_path / "fresh")]) == 0
-    assert started[-1] == (tmp_path / "fresh", False)
-
 
 @pytest.mark.integration
 def test_a_two_way_tensor_parallel_engine_generates_and_every_shard_takes_the_streamed_sync(stack):
@@ -997,3 +959,43 @@ def test_a_two_way_tensor_parallel_engine_generates_and_every_shard_takes_the_st
         fleet.rollouts.resize(1)
         fleet.rollouts.drain_events()
 
+
+# ---------------------------------------------------------------- the CLI (no Ray started)
+
+
+def test_cli_train_refuses_a_run_dir_with_a_checkpoint_unless_resume(tmp_path, monkeypatch, capsys):
+    started = []
+
+    class FakeTrainer:
+        def __init__(self, cfg, run_dir, address=None, resume=False):
+            started.append((Path(run_dir), resume))
+
+        def prepare(self):
+            pass
+
+        def train(self):
+            return TrainResult(3, None, None, None, 0.0)
+
+    monkeypatch.setattr(driver, "Trainer", FakeTrainer)
+    # The fake trainer starts no Ray; the real _stop_ray would end the Ray of the shared stack.
+    monkeypatch.setattr(cli, "_stop_ray", lambda: None)
+    run = tmp_path / "run"
+    (run / "checkpoints" / ".partial-step-000003").mkdir(parents=True)  # half-written: not a checkpoint
+    assert cli.main(["train", "--run-dir", str(run), "--resume"]) == 2
+    assert "holds no run (no config.yaml, no checkpoint)" in capsys.readouterr().err
+    (run / "config.yaml").write_text("train:\n  steps: 3\n")  # a run that stopped before its first checkpoint
+    assert cli.main(["train", "--run-dir", str(run), "--resume"]) == 0  # starts again from step 0
+    assert started.pop() == (run, True)
+    (run / "config.yaml").unlink()
+
+    (run / "checkpoints" / "step-000002").mkdir()
+    (run / "checkpoints" / "step-000002" / "state.json").write_text("{}")
+    assert cli.main(["train", "--run-dir", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert "step-000002" in err and "--resume" in err
+    assert started == []
+
+    assert cli.main(["train", "--run-dir", str(run), "--resume"]) == 0
+    assert started == [(run, True)]
+    assert cli.main(["train", "--run-dir", str(tmp_path / "fresh")]) == 0
+    assert started[-1] == (tmp_path / "fresh", False)
