@@ -1,6 +1,6 @@
 """The typed experiment config: defaults are the CPU demo, every field validated before any actor starts.
 
-Every section, key, default and unit is here or in the section files it assembles (config_rollout.py, config_tasks.py); reading a file and `--set` overrides into it is
+Every section, key, default and unit is here or in the section files it assembles (config_rollout.py, config_tasks.py, config_extras.py); reading a file and `--set` overrides into it is
 config_load.py's job. An unknown key or a value of the wrong type fails with the key and the fix named.
 """
 
@@ -13,10 +13,11 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from innerloop.distributed.config_base import ConfigError, Section
+from innerloop.distributed.config_extras import LoraConfig, TrackingConfig
 from innerloop.distributed.config_rollout import RolloutConfig, SamplingConfig
 from innerloop.distributed.config_tasks import RewardConfig, RewardFunction, TaskConfig
 
-__all__ = ["ConfigError", "RewardConfig", "RewardFunction", "RolloutConfig", "SamplingConfig", "TaskConfig"]  # re-exported: every room imports them from here
+__all__ = ["ConfigError", "LoraConfig", "TrackingConfig", "RewardConfig", "RewardFunction", "RolloutConfig", "SamplingConfig", "TaskConfig"]  # re-exported: every room imports them from here
 
 
 # The inner-loop probe's suffix (PAPER.md): the paper's lead-in, then the reference answer.
@@ -97,6 +98,7 @@ class LearnerConfig(Section):
     bucket_elements: int | None = Field(None, ge=1)
     threads: int = Field(0, ge=0)  # torch threads per rank; 0 = the machine's cores / ranks
     gpus_per_rank: float = Field(0.0, ge=0.0)
+    lora: LoraConfig | None = None  # a LoRA adapter instead of full weights (null: full fine-tuning)
 
 
     @model_validator(mode="after")
@@ -231,6 +233,7 @@ class Config(Section):
     probe: ProbeConfig = Field(default_factory=ProbeConfig)
     recovery: RecoveryConfig = Field(default_factory=RecoveryConfig)
     watchdog: WatchdogConfig = Field(default_factory=WatchdogConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
     @model_validator(mode="after")
     def _batch_divides(self) -> "Config":

@@ -23,7 +23,7 @@ PACKAGES = ("actors", "learners", "distributed")  # folder name == innerloop.<na
 SOURCES = sorted(p for folder in PACKAGES for p in (ROOT / folder).rglob("*.py"))
 
 # The shared vocabulary at the top of distributed/: every room imports it, it imports no room.
-VOCABULARY = {"config", "config_base", "config_rollout", "config_tasks", "config_load", "records", "errors", "stacks", "transfer"}
+VOCABULARY = {"config", "config_base", "config_extras", "config_rollout", "config_tasks", "config_load", "records", "errors", "stacks", "transfer"}
 
 
 def rel(path: Path) -> str:
