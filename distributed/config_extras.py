@@ -29,8 +29,11 @@ class TrackingConfig(Section):
 
 
 class LoraConfig(Section):
-    # LoRA through peft: only the adapter trains. null target_modules: the attention and MLP projections.
+    # LoRA through peft (learners/lora.py): only the adapter trains; the rollout engines get the merged
+    # weights W + B @ A * alpha / rank. rank: the adapter's inner width r; alpha: its scale's numerator.
     rank: int = Field(16, ge=1)
     alpha: float = Field(32.0, gt=0.0)
-    dropout: float = Field(0.0, ge=0.0, lt=1.0)
-    target_modules: list[str] | None = None
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)  # on the adapter's input, in training forwards only
+    # Linear layers by name as peft matches them ("q_proj", "self_attn.q_proj"); checked against the model
+    # at start. null: every Linear layer but the output head (a Llama's attention and MLP projections).
+    target_modules: list[str] | None = Field(None, min_length=1)

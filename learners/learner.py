@@ -25,7 +25,7 @@ from innerloop.distributed.config import AlgorithmConfig, LearnerConfig
 from innerloop.distributed.records import NllSums, PolicySums, TrainingSample, UpdateMetrics
 from innerloop.distributed.stacks import StackLocation, install_stack_dump
 from innerloop.distributed.transfer import Group, GroupAddress, WireMeta, send_buckets
-from innerloop.learners import grpo, update_steps
+from innerloop.learners import grpo, lora, update_steps
 from innerloop.learners.safe_load import refuse_unsafe_files, weights_only_loads
 from innerloop.learners.weight_ipc import ColocatedWeights
 from innerloop.learners.logprobs import token_logprobs
@@ -48,7 +48,7 @@ class Learner(ColocatedWeights):
         self.engine = self._build_engine(model_path)
         # kl_reference start: made at the first GRPO update (after any SFT stage), or from a checkpoint.
         pinned = algorithm.kl_coef > 0 and algorithm.kl_reference == "base"
-        self._reference = _frozen(self._load_model(model_path).to(self.engine.device)) if pinned else None
+        self._reference = self._base_reference() if pinned else None
         self._tokenizer = None  # loaded on the first probe
         pad = self.engine.module.config.pad_token_id
         self._pad_id = pad if pad is not None else 0
@@ -75,7 +75,9 @@ class Learner(ColocatedWeights):
         model = self._load_model(model_path)
         if self._cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
+        if self._cfg.lora is not None:  # only the adapter trains: the optimizer holds its parameters alone
+            model = lora.wrap(model, self._cfg.lora)
+        engine, *_ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
                                           config=self._deepspeed_config(bucket_elements(model, self._cfg)),
                                           lr_scheduler=self._schedule)
         return engine
@@ -169,8 +171,17 @@ class Learner(ColocatedWeights):
         return UpdateMetrics(sums_type(**sums), grad_norm, steps[0].learning_rate, time.perf_counter() - started,
                              skipped=not all(s.applied for s in steps))
 
+    def _base_reference(self):
+        """The base model, frozen: with LoRA the policy itself with its adapter off (no second copy)."""
+        if self._cfg.lora is not None:
+            return lora.AdapterDisabled(self.engine.module)
+        return _frozen(self._load_model(self._model_path).to(self.engine.device))
+
     def _snapshot_reference(self):
-        """The KL reference as the policy is now (the model GRPO starts from), frozen, on every rank."""
+        """The KL reference as the policy is now (the model GRPO starts from), frozen, on every rank.
+        With LoRA, an adapter still at its start (no SFT stage before) is the base model: no copy."""
+        if self._cfg.lora is not None and lora.adapter_untrained(self.engine.module):
+            return lora.AdapterDisabled(self.engine.module)
         model = self._load_model(self._model_path)  # the policy's architecture and weight tying
         params = dict(model.named_parameters())
         with torch.no_grad():
@@ -214,6 +225,12 @@ class Learner(ColocatedWeights):
         import deepspeed
 
         module = self.engine.module
+        if self._cfg.lora is not None:  # the merged weights under the base model's names
+            if self.rank != 0:
+                if self._cfg.zero_stage == 3:
+                    deque(self._named_weights(), maxlen=0)  # the gathers rank 0 needs
+                return None
+            return {name: t.detach().to(self._dtype).contiguous().clone() for name, t in self._named_weights()}
         params = list(module.parameters()) if self._cfg.zero_stage == 3 else []
         with deepspeed.zero.GatheredParameters(params, enabled=bool(params)):
             if self.rank != 0:
@@ -236,15 +253,23 @@ class Learner(ColocatedWeights):
 
     def _named_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
         """(name, full tensor) of every parameter, in one order on every rank, tied weights once. Under
-        ZeRO-3 all ranks walk it to the end: each parameter gathered by all, one at a time."""
+        ZeRO-3 all ranks walk it to the end: each parameter gathered by all, one at a time. With LoRA:
+        the merged weights under the base model's names (learners/lora.py)."""
         import deepspeed
 
+        if self._cfg.lora is not None:
+            zero3 = self._cfg.zero_stage == 3
+            yield from lora.merged_weights(self.engine.module,
+                                           lambda params: deepspeed.zero.GatheredParameters(params, enabled=zero3))
+            return
         for name, param in self.engine.module.named_parameters():
             with deepspeed.zero.GatheredParameters([param], enabled=self._cfg.zero_stage == 3):
                 yield name, param.data
 
     def weights_meta(self) -> WireMeta:
         """What a streamed sync sends, in order, in the model's dtype (no gathering needed)."""
+        if self._cfg.lora is not None:
+            return WireMeta.of_parameters(lora.base_shapes(self.engine.module), self._dtype)
         return WireMeta.of_parameters(self.engine.module.named_parameters(), self._dtype)
 
     def open_weight_stream(self, address: GroupAddress) -> None:
@@ -276,7 +301,8 @@ class Learner(ColocatedWeights):
         self._stream = None
 
     def export(self, folder: str) -> None:
-        """Write a Hugging Face folder (weights, config, tokenizer) that transformers and vLLM load."""
+        """Write a Hugging Face folder (weights, config, tokenizer) that transformers and vLLM load.
+        With LoRA: the merged model, and the adapter alone in `adapter/` (peft's format)."""
         from transformers import AutoTokenizer
 
         state = self.full_state_dict()
@@ -284,7 +310,11 @@ class Learner(ColocatedWeights):
             return
         path = Path(folder)
         path.mkdir(parents=True, exist_ok=True)
-        self.engine.module.save_pretrained(path, state_dict=state, safe_serialization=True)
+        module = self.engine.module
+        if self._cfg.lora is not None:
+            lora.save_adapter(module, path / lora.ADAPTER_FOLDER, self._model_path)
+            module = module.get_base_model()
+        module.save_pretrained(path, state_dict=state, safe_serialization=True)
         AutoTokenizer.from_pretrained(self._model_path).save_pretrained(path)
 
     # ---- checkpoints ------------------------------------------------------------------------
@@ -300,7 +330,7 @@ class Learner(ColocatedWeights):
         dist.barrier()
         self.engine._config.load_universal_checkpoint = True
         try:
-            loaded = self.engine.load_checkpoint(str(universal), tag=tag)
+            loaded = self.engine.load_checkpoint(str(universal), tag=tag, load_module_strict=self._cfg.lora is None)
         finally:
             self.engine._config.load_universal_checkpoint = False
         dist.barrier()
@@ -312,10 +342,15 @@ class Learner(ColocatedWeights):
         # The RNG states ride along, so a resumed rank draws what the uninterrupted one would have.
         rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
         client_state = {"innerloop_rng": rng}
-        if self._reference is not None and self._algo.kl_reference == "start":
+        if isinstance(self._reference, lora.AdapterDisabled):  # the base model: nothing to save
+            client_state["innerloop_reference_base"] = True
+        elif self._reference is not None and self._algo.kl_reference == "start":
             # The model GRPO started from (after SFT): no file on disk holds it once checkpoints rotate.
             client_state["innerloop_reference"] = {k: v.detach().clone() for k, v in self._reference.state_dict().items()}
-        self.engine.save_checkpoint(folder, tag=tag, client_state=client_state)
+        # With LoRA the frozen base weights stay out: the model folder holds them; the adapter and its
+        # optimizer state are what the checkpoint carries.
+        self.engine.save_checkpoint(folder, tag=tag, client_state=client_state,
+                                    exclude_frozen_parameters=self._cfg.lora is not None)
 
     def load_checkpoint(self, folder: str, tag: str, saved_world_size: int | None = None) -> None:
         """Restore model, optimizer, LR schedule and RNG. A checkpoint written by a different number
@@ -326,7 +361,9 @@ class Learner(ColocatedWeights):
         refuse_unsafe_files(Path(folder) / tag, allowed)
         with weights_only_loads(allowed):
             if saved_world_size in (None, self.world_size):
-                path, client_state = self.engine.load_checkpoint(folder, tag=tag)
+                # With LoRA the checkpoint holds the adapter alone (the base comes from the model folder).
+                path, client_state = self.engine.load_checkpoint(folder, tag=tag,
+                                                                 load_module_strict=self._cfg.lora is None)
             else:
                 path, client_state = self._load_resharded(Path(folder), tag)
         if path is None:
@@ -336,6 +373,8 @@ class Learner(ColocatedWeights):
             # Saved before GRPO began (an SFT-stage checkpoint): made at the first GRPO update instead.
             reference = client_state.get("innerloop_reference")
             self._reference = None if reference is None else self._reference_from(reference)
+            if client_state.get("innerloop_reference_base"):
+                self._reference = self._base_reference()
         rng = client_state.get("innerloop_rng")
         if rng:
             torch.set_rng_state(rng["torch"])

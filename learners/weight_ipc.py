@@ -13,7 +13,7 @@ from innerloop.distributed.transfer import ipc_buckets
 
 
 class ColocatedWeights:
-    """Mixed into the Learner: needs `engine` (DeepSpeed's), `_dtype` and `_cfg.zero_stage`."""
+    """Mixed into the Learner: needs `engine` (DeepSpeed's), `_named_weights`, `_dtype` and `_cfg.zero_stage`."""
 
     _ipc_copies: list[torch.Tensor] = []
 
@@ -28,8 +28,10 @@ class ColocatedWeights:
         device = torch.cuda.current_device()
         uuid = str(torch.cuda.get_device_properties(device).uuid)
         torch.cuda.synchronize(device)  # the update's last writes land before the engine reads
-        infos, self._ipc_copies = ipc_buckets(self.engine.module.named_parameters(), self._dtype, limit, uuid,
-                                              lambda tensor: reduce_tensor(tensor)[1])
+        # The published weights (`_named_weights`): with LoRA, merged tensors made here, kept with the copies.
+        named = list(self._named_weights())
+        infos, copies = ipc_buckets(named, self._dtype, limit, uuid, lambda tensor: reduce_tensor(tensor)[1])
+        self._ipc_copies = copies + [tensor for _, tensor in named]
         return infos
 
     def release_ipc_handles(self) -> None:

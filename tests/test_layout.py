@@ -116,6 +116,11 @@ def test_deepspeed_only_in_the_learner():
     assert importers_of("deepspeed") == {"learners/learner.py"}
 
 
+def test_peft_only_in_the_lora_module():
+    # learner.lora's adapters: the learner wraps its model there; the start checks ask it about targets.
+    assert importers_of("peft") == {"learners/lora.py"}
+
+
 def test_ray_only_in_the_cluster_room():
     users = importers_of("ray")
     assert "distributed/cluster/placement.py" in users

@@ -3,6 +3,7 @@ anything is written to its run directory. Problems are ConfigError, in the user'
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 
@@ -13,6 +14,8 @@ from innerloop.distributed.state.model_prep import resolve_model
 
 # Reward kinds that score by comparing the completion's answer with the reference via the verifier.
 VERIFIER_REWARDS = ("correctness", "four_way", "correct_plus_format")
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -34,6 +37,7 @@ def check_run(cfg: Config) -> CheckedInputs:
     _check_memory(cfg)
     check_devices(cfg)
     check_shards_divide(cfg, model_path)
+    check_lora(cfg, model_path)
     return CheckedInputs(model_path, train, held_out)
 
 
@@ -123,3 +127,22 @@ def check_shards_divide(cfg: Config, model_path: str) -> None:
         fits = [k for k in range(1, heads + 1) if heads % k == 0 and k < shards] or [1]
         raise ConfigError(f"rollout.tensor_parallel={shards} cannot split {cfg.model.name}'s {heads} attention "
                           f"heads evenly; choose a divisor of {heads} (the widest below {shards}: {fits[-1]})")
+
+
+def check_lora(cfg: Config, model_path: str) -> None:
+    """learner.lora: its target modules are Linear layers of this model; ZeRO-3 is refused (not built)."""
+    lora = cfg.learner.lora
+    if lora is None:
+        return
+    if cfg.learner.zero_stage == 3:
+        raise ConfigError("learner.lora with learner.zero_stage=3 is not built yet (the adapter's merge, export and "
+                          "checkpoint are tested on whole parameters only); a LoRA adapter's optimizer state is small, "
+                          "so use learner.zero_stage=2")
+    from innerloop.learners.lora import LoraTargetError, check_targets
+
+    try:
+        targets = check_targets(model_path, lora)
+    except LoraTargetError as exc:
+        raise ConfigError(f"{exc} (model {cfg.model.name})") from None
+    log.info("LoRA adapters are merged and synced as full weights: each sync sends the whole model, W + B @ A "
+             "* alpha / r under the base names (rank %d, alpha %g, on %s)", lora.rank, lora.alpha, ", ".join(targets))
