@@ -19,6 +19,9 @@ class TrackingConfig(Section):
     run_name: str | None = None  # null: the run directory's name
     mlflow_uri: str | None = None  # null: a local store in run_dir/mlruns (or MLFLOW_TRACKING_URI)
     wandb_mode: Literal["online", "offline"] = "offline"  # offline: run files in run_dir/wandb, `wandb sync` later
+    # The final model folder as an artifact of the tracker run at the end. MLflow copies it into its
+    # store (run_dir/mlruns by default: a second copy of the model); W&B uploads it from final_model/ at sync.
+    log_final_model: bool = True
 
     @field_validator("backends")
     @classmethod

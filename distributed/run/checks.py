@@ -11,6 +11,7 @@ from innerloop.distributed.config import Config, ConfigError
 from innerloop.distributed.records import Question
 from innerloop.distributed.run.questions import fitting_prompts, load_questions
 from innerloop.distributed.state.model_prep import resolve_model
+from innerloop.distributed.state.trackers import check_trackers
 
 # Reward kinds that score by comparing the completion's answer with the reference via the verifier.
 VERIFIER_REWARDS = ("correctness", "four_way", "correct_plus_format")
@@ -26,7 +27,8 @@ class CheckedInputs:
 
 
 def check_run(cfg: Config) -> CheckedInputs:
-    """The reward, the questions, the model folder, every prompt's length and the memory asked for."""
+    """The trackers, the reward, the questions, the model folder, every prompt's length and the memory asked for."""
+    check_trackers(cfg.tracking)  # a tracker extra that is not installed: refused with its pip command
     train, held_out = check_inputs(cfg)
     model_path = resolve_model(cfg.model.name)
     from transformers import AutoTokenizer

@@ -84,6 +84,7 @@ class Trainer:
         try:
             self._sft = self._sft_schedule(inputs.train, inputs.model_path)  # before the fleet: a teacher needs memory
             run.write_config(cfg)
+            run.start_trackers(cfg)  # tracking.backends, given the resolved config
             owned = actors is None
             if owned:
                 actors = fleet.Fleet.start(cfg, inputs.model_path, self._address)
@@ -112,6 +113,7 @@ class Trainer:
         final = self._export(actors, step)
         run.log({"event": "done", "seconds": time.perf_counter() - started,
                  "accuracy_before": before, "accuracy_after": after}, step)
+        run.track_outputs(final)  # the final model (and report) to the trackers, the run marked finished
         return TrainResult(step, before, after, final, time.perf_counter() - started)
 
     def _restore(self, actors: "fleet.Fleet", train_questions, from_checkpoint: bool) -> tuple[int, QuestionStream]:

@@ -1,4 +1,4 @@
-"""The run directory and what is written into it: resolved config, metrics (JSONL and TensorBoard).
+"""The run directory and what is written into it: resolved config, metrics (JSONL, then the trackers).
 
 run_dir/
   config.yaml          the resolved config (defaults, file and overrides merged)
@@ -9,6 +9,8 @@ run_dir/
   stacks/              stack dumps of every process, written when a phase overran its deadline
   bad_steps/           the data of steps skipped for a NaN/inf loss
   tensorboard/         event files for `tensorboard --logdir run_dir`
+  mlruns/, wandb/      the MLflow store and the W&B run files, where tracking.backends names them (trackers.py)
+  trackers.json        what continues the same tracker runs on a resume: run ids, the last step each was sent
   checkpoints/step-N/  model (Hugging Face folder), DeepSpeed state, driver state
   final_model/         the exported Hugging Face folder
 """
@@ -16,7 +18,6 @@ run_dir/
 from __future__ import annotations
 
 import json
-import math
 import time
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ import yaml
 
 from innerloop.distributed.config import Config
 from innerloop.distributed.state.lock import RunLock
+from innerloop.distributed.state.trackers import Trackers
 
 
 class RunDir:
@@ -41,8 +43,9 @@ class RunDir:
         self.stacks = self.path / "stacks"
         self.bad_steps = self.path / "bad_steps"
         self.scale_request = self.path / "scale.json"  # written by `innerloop scale`, taken between steps
-        self._writer = None
-        self._purge_step: int | None = None
+        self.report = self.path / "report.html"  # written by `innerloop report`
+        self.trackers = Trackers.default(self.path)  # TensorBoard until start_trackers knows the config
+        self._log_final_model = True
 
     def write_config(self, cfg: Config) -> None:
         """Written whole, then renamed over the old one: a crash never leaves half a config."""
@@ -51,15 +54,23 @@ class RunDir:
         partial.write_text(f"# resolved config, fingerprint {cfg.fingerprint()}\n{text}")
         partial.replace(self.path / "config.yaml")
 
+    def start_trackers(self, cfg: Config) -> None:
+        """The backends of tracking.backends, started with the resolved config (after write_config:
+        the config file goes to them too); a run directory's earlier tracker runs are continued."""
+        self.trackers.finish(lambda: [])
+        self.trackers = Trackers.start(self.path, cfg.tracking, cfg.model_dump(mode="json"))
+        self._log_final_model = cfg.tracking.log_final_model
+
     def log(self, record: dict[str, Any], step: int) -> None:
-        """Append one record to metrics.jsonl and mirror its numbers to TensorBoard."""
+        """Append one record to metrics.jsonl, then mirror it to the trackers (its numbers, its event)."""
         record = {"step": step, "time": round(time.time(), 3), **record}
-        _append(self.metrics_file, [record])
-        writer = self._tensorboard()
-        for key, value in record.items():
-            if key not in ("step", "time") and isinstance(value, (int, float)) and math.isfinite(value):
-                writer.add_scalar(key, value, step)
-        writer.flush()
+        _append(self.metrics_file, [record])  # first: a tracker never costs a record
+        self.trackers.log(record, step)
+
+    def track_outputs(self, final_model: Path | None) -> None:
+        """At the run's end: the final model folder and the report (where present) to the trackers."""
+        model = final_model if self._log_final_model else None
+        self.trackers.log_artifacts({"final_model": model, "report": self.report})
 
     def record_questions(self, step: int, question_ids: list[str]) -> None:
         """The ledger: which questions step `step` consumed (written with its metrics, before any
@@ -113,23 +124,14 @@ class RunDir:
                 _append(self.superseded_file, gone)
                 _write_jsonl(path, kept)
                 dropped += len(gone)
-        self._purge_step = (step or 0) + 1
+        self.trackers.rewind(step)  # TensorBoard purges its later points; the others skip what they hold
         return dropped
-
-    def _tensorboard(self):
-        if self._writer is None:
-            from torch.utils.tensorboard import SummaryWriter
-
-            # purge_step: points a previous attempt wrote past the resume step are dropped.
-            self._writer = SummaryWriter(str(self.path / "tensorboard"), purge_step=self._purge_step)
-        return self._writer
 
     def read_metrics(self) -> list[dict[str, Any]]:
         return read_jsonl(self.metrics_file)
 
     def close(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
+        self.trackers.finish(lambda: [r for r in self.read_metrics() if "event" in r])
         self.lock.release()
 
 
