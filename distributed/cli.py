@@ -1,4 +1,4 @@
-"""The `innerloop` command: train, eval, checkpoints, questions, report, probe, prepare-model."""
+"""The `innerloop` command: train, sweep, eval, checkpoints, questions, report, probe, prepare-model."""
 
 from __future__ import annotations
 
@@ -53,6 +53,8 @@ def _parser() -> argparse.ArgumentParser:
                        help="continue a run from its latest good checkpoint (its run directory here, or "
                             "--run-dir); without CONFIG the run's own config.yaml is used")
     train.set_defaults(handler=_train)
+
+    _add_sweep(commands)
 
     evaluate = commands.add_parser("eval", help="held-out accuracy of a model folder or checkpoint")
     evaluate.add_argument("model", help="a Hugging Face model folder, a checkpoint folder, or the default alias")
@@ -245,9 +247,53 @@ def _print_summary(result, run_dir: Path) -> None:
         delta = 100 * (result.accuracy_after - result.accuracy_before)
         lines.append(f"held-out accuracy: before {100 * result.accuracy_before:.1f}%  "
                      f"after {100 * result.accuracy_after:.1f}%  ({delta:+.1f} points)")
+        if result.lenient_before is not None and result.lenient_after is not None:  # the last number, boxed or not
+            lines.append(f"lenient accuracy:  before {100 * result.lenient_before:.1f}%  "
+                         f"after {100 * result.lenient_after:.1f}%  "
+                         f"({100 * (result.lenient_after - result.lenient_before):+.1f} points)")
     if result.final_model:
         lines.append(f"final model: {result.final_model}")
     print("\n".join(lines))
+
+
+def _add_sweep(commands) -> None:
+    sweep = commands.add_parser("sweep", help="a grid of configs x seeds, each an ordinary training run; a "
+                                "table of mean +- 95%% CI per cell and paired tests between cells (resumable)")
+    sweep.add_argument("sweep_file", metavar="SWEEP.yaml", help="base config, grid, seeds, metrics (see "
+                       "configs/sweep-mini-batches.yaml)")
+    sweep.add_argument("--out", metavar="DIR", help="where the runs and sweep.json/.md/.png go (default: "
+                       "sweeps/<file name>); run the same command again to resume")
+    sweep.add_argument("--address", help="a Ray cluster ('auto', host:port or the dashboard's http://host:8265): "
+                       "each run a Ray job; default: one run after another on this machine")
+    sweep.add_argument("--parallel", type=int, metavar="N", help="with --address: runs at once (default: as "
+                       "many as the cluster's CPUs and GPUs hold)")
+    sweep.set_defaults(handler=_sweep)
+
+
+def _sweep(args) -> int:
+    from innerloop.distributed.run import sweep
+
+    plan = sweep.read_sweep(args.sweep_file)
+    sweep.validate(plan)  # before anything is written or submitted
+    if args.parallel is not None and (args.parallel < 1 or not args.address):
+        raise ConfigError("--parallel needs --address and must be at least 1")
+    out = Path(args.out or Path("sweeps") / Path(args.sweep_file).stem)
+    if args.address:
+        from innerloop.distributed.cluster.jobs import RayJobRunner, run_needs
+
+        out = out.resolve()  # the jobs' working folder is not this one
+        needs = max((run_needs(sweep.cell_config(plan, c)) for c in plan.cells), key=lambda n: (n["GPU"], n["CPU"]))
+        runner = RayJobRunner(args.address, args.parallel, needs)
+    else:
+        runner = sweep.LocalRunner()
+    summary = sweep.run_sweep(plan, out, runner)
+    failed = [f"{c['name']}/seed-{r['seed']}" for c in summary["cells"] for r in c["runs"] if r["state"] != "done"]
+    print(f"sweep table: {out / 'sweep.md'} (and sweep.json, sweep.png)")
+    if failed:
+        print(f"{len(failed)} runs did not finish: {', '.join(failed)}; their errors are in the table; "
+              "run the same command again to retry them", file=sys.stderr)
+        return 1
+    return 0
 
 
 def _eval(args) -> int:

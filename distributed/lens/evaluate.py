@@ -5,11 +5,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 from innerloop.distributed.state import checkpoints
 from innerloop.distributed.config import Config
 from innerloop.distributed.state.model_prep import resolve_model
+from innerloop.distributed.lens.accuracy import lenient_correct
 from innerloop.distributed.lens.passk import PassKSummary, summarize
 from innerloop.distributed.run.questions import load_questions
 from innerloop.distributed.records import Trajectory
@@ -22,14 +23,21 @@ class EvalReport:
     correct: int  # trajectories whose answer is right
     formatted: float  # share of trajectories with the answer format
     passk: PassKSummary
+    lenient_correct: int | None = None  # right by the last number, boxed or not (None: answers not given)
 
     @property
     def accuracy(self) -> float:
         return self.correct / max(1, self.trajectories)
 
+    @property
+    def lenient_accuracy(self) -> float | None:
+        return None if self.lenient_correct is None else self.lenient_correct / max(1, self.trajectories)
+
     def to_dict(self) -> dict:
+        lenient = {} if self.lenient_correct is None else {"lenient_correct": self.lenient_correct,
+                                                           "lenient_accuracy": self.lenient_accuracy}
         return {"questions": self.questions, "trajectories": self.trajectories, "correct": self.correct,
-                "accuracy": self.accuracy, "formatted": self.formatted, **self.passk.to_dict()}
+                "accuracy": self.accuracy, **lenient, "formatted": self.formatted, **self.passk.to_dict()}
 
 
 def resolve_model_or_checkpoint(model: str) -> str:
@@ -44,11 +52,13 @@ def evaluate_model(cfg: Config, model: str) -> EvalReport:
     model_path = resolve_model_or_checkpoint(model)
     _, held_out = load_questions(cfg.tasks)
     return report_from_trajectories(generate_in_process(cfg, model_path, held_out, cfg.eval.samples, cfg.eval),
-                                    cfg.eval.pass_k)
+                                    cfg.eval.pass_k, {q.question_id: q.answer for q in held_out})
 
 
-def report_from_trajectories(trajectories: Sequence[Trajectory], ks: Sequence[int]) -> EvalReport:
-    """Count (n samples, c correct) per question, in first-seen question order, and score them."""
+def report_from_trajectories(trajectories: Sequence[Trajectory], ks: Sequence[int],
+                             answers: Mapping[str, str] | None = None) -> EvalReport:
+    """Count (n samples, c correct) per question, in first-seen question order, and score them.
+    `answers` (reference answer by question id): also count lenient correctness (lens/accuracy.py)."""
     if not trajectories:
         raise ValueError("no trajectories to evaluate: the held-out set produced no completions")
     counts: dict[str, list[int]] = {}
@@ -59,14 +69,18 @@ def report_from_trajectories(trajectories: Sequence[Trajectory], ks: Sequence[in
     return EvalReport(questions=len(counts), trajectories=len(trajectories),
                       correct=sum(t.correct for t in trajectories),
                       formatted=sum(t.formatted for t in trajectories) / len(trajectories),
-                      passk=summarize([(n, c) for n, c in counts.values()], ks))
+                      passk=summarize([(n, c) for n, c in counts.values()], ks),
+                      lenient_correct=None if answers is None else sum(
+                          lenient_correct(t.text, answers.get(t.question_id, ""), t.correct) for t in trajectories))
 
 
 def format_report(report: EvalReport, model: str) -> str:
-    """The accuracy line (as before Pass@k existed), then Avg@n and Pass@k / mG-Pass@k per k."""
+    """The accuracy line (strict, then lenient where known), then Avg@n and Pass@k / mG-Pass@k per k."""
     summary = report.passk
     lines = [f"held-out accuracy of {model}: {100 * report.accuracy:.1f}% "
-             f"({report.correct}/{report.trajectories}; {100 * report.formatted:.1f}% formatted)",
+             f"({report.correct}/{report.trajectories}; {100 * report.formatted:.1f}% formatted)"
+             + ("" if report.lenient_correct is None else  # strict (the verifier) beside lenient (the last number)
+                f"; lenient {100 * report.lenient_accuracy:.1f}% ({report.lenient_correct}/{report.trajectories})"),
              f"{summary.questions} questions x {summary.samples} samples: "
              f"Avg@{summary.samples} {100 * summary.avg_at_n:.1f}%"]
     for scores in summary.by_k:

@@ -19,7 +19,7 @@ from pathlib import Path
 from innerloop.distributed.cluster import fleet, teacher
 from innerloop.distributed.config import Config, ConfigError
 from innerloop.distributed.errors import RunStopped
-from innerloop.distributed.lens import history
+from innerloop.distributed.lens import accuracy, history
 from innerloop.distributed.records import UpdateMetrics
 from innerloop.distributed.run import sft_stage
 from innerloop.distributed.run.prefetch import Prefetch, staleness_bound
@@ -46,6 +46,16 @@ class TrainResult:
     final_model: Path | None
     seconds: float
     stopped: bool = False  # by SIGTERM, after saving its last step
+    lenient_before: float | None = None  # lenient held-out accuracy (lens/accuracy.py)
+    lenient_after: float | None = None
+
+
+def _result(step: int, before: "accuracy.EvalOutcome | None", after: "accuracy.EvalOutcome | None",
+            final: Path | None, started: float, stopped: bool = False) -> TrainResult:
+    def strict(o): return None if o is None else o.strict_accuracy
+    def lenient(o): return None if o is None else o.lenient_accuracy
+    return TrainResult(step, strict(before), strict(after), final, time.perf_counter() - started, stopped,
+                       lenient(before), lenient(after))
 
 
 class NonFiniteSteps(RunStopped):
@@ -107,14 +117,15 @@ class Trainer:
         step = self._loop_with_recovery(actors, inputs.train, start_step, stream, started, inputs.held_out)
         if self._stop.requested:  # SIGTERM: the last step is saved; evaluating and exporting would not fit
             run.log({"event": "stopped", "reason": "SIGTERM", "seconds": time.perf_counter() - started}, step)
-            return TrainResult(step, before, None, None, time.perf_counter() - started, stopped=True)
+            return _result(step, before, None, None, started, stopped=True)
         if cfg.eval.before_and_after:
             after = self._evaluate(actors, inputs.held_out, step, "after")
         final = self._export(actors, step)
-        run.log({"event": "done", "seconds": time.perf_counter() - started,
-                 "accuracy_before": before, "accuracy_after": after}, step)
+        result = _result(step, before, after, final, started)
+        run.log({"event": "done", "seconds": result.seconds,
+                 "accuracy_before": result.accuracy_before, "accuracy_after": result.accuracy_after}, step)
         run.track_outputs(final)  # the final model (and report) to the trackers, the run marked finished
-        return TrainResult(step, before, after, final, time.perf_counter() - started)
+        return result
 
     def _restore(self, actors: "fleet.Fleet", train_questions, from_checkpoint: bool) -> tuple[int, QuestionStream]:
         """Where the run goes on from: the newest checkpoint that verifies, or the start.
@@ -299,17 +310,20 @@ class Trainer:
         limit = self.cfg.train.max_minutes
         return bool(limit) and time.perf_counter() - started > limit * 60
 
-    def _evaluate(self, actors: "fleet.Fleet", questions, step: int, label: str) -> float:
+    def _evaluate(self, actors: "fleet.Fleet", questions, step: int, label: str) -> accuracy.EvalOutcome:
         trajectories = actors.rollouts.generate(questions, 1, sampling=self.cfg.eval)
-        accuracy = sum(t.correct for t in trajectories) / max(1, len(trajectories))
-        formatted = sum(t.formatted for t in trajectories) / max(1, len(trajectories))
-        record = {"event": f"eval_{label}", "eval_accuracy": accuracy, "eval_formatted": formatted,
+        # strict: the verifier's; lenient: or the last number is right, boxed or not (lens/accuracy.py)
+        outcome = accuracy.score_eval(trajectories, {q.question_id: q.answer for q in questions})
+        record = {"event": f"eval_{label}", "eval_accuracy": outcome.strict_accuracy,
+                  "eval_lenient_accuracy": outcome.lenient_accuracy, "eval_formatted": outcome.formatted_share,
                   "eval_questions": len(questions)}
         self.run.log(record, step)
+        accuracy.append_eval_questions(self.run.path, step, record["event"], outcome)  # for paired tests
         self._note_metric(record)
-        log.info("held-out accuracy %s training: %.1f%% (%d questions, %.1f%% formatted)",
-                 label, 100 * accuracy, len(questions), 100 * formatted)
-        return accuracy
+        log.info("held-out accuracy %s training: %.1f%% strict, %.1f%% lenient (%d questions, %.1f%% formatted)",
+                 label, 100 * outcome.strict_accuracy, 100 * outcome.lenient_accuracy, len(questions),
+                 100 * outcome.formatted_share)
+        return outcome
 
     def _checkpoint(self, actors: "fleet.Fleet", step: int, question_position: int) -> None:
         state = checkpoints.DriverState(
