@@ -960,6 +960,93 @@ def test_a_two_way_tensor_parallel_engine_generates_and_every_shard_takes_the_st
         fleet.rollouts.drain_events()
 
 
+@pytest.mark.integration
+def test_lora_trains_the_adapter_syncs_merged_weights_and_resumes_exactly(stack, tmp_path):
+    """learner.lora on the real DeepSpeed learner (ZeRO-2) with a KL term against the base: only the
+    adapter moves; the engine takes the merged weights by the streamed sync and by the object store and
+    then matches the learner's log-probs (float32); a checkpoint holds the adapter without the frozen base,
+    and fresh learners loading it make bitwise the same next update; the exported folder is a merged
+    model transformers loads, with the adapter in peft's format beside it."""
+    import ray
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from innerloop.distributed.cluster.fleet import Fleet
+    from innerloop.distributed.run.questions import load_questions
+    from innerloop.distributed.run.samples import build_samples, group_advantages, group_by_question, loss_normalizers
+    from innerloop.learners.logprobs import token_logprobs
+
+    cfg = load_config(None, [*_overrides(stack.model), "learner.lora.rank=4", "learner.lora.alpha=16",
+                             "algorithm.kl_coef=0.1", "algorithm.kl_reference=base", "learner.lr=1e-2"])
+    questions = load_questions(cfg.tasks)[0][: 2 * cfg.rollout.questions_per_step]
+    batches = []
+    for part in (questions[: cfg.rollout.questions_per_step], questions[cfg.rollout.questions_per_step :]):
+        groups = group_by_question(stack.fleet.rollouts.generate(part, cfg.rollout.group_size))
+        batches.append(build_samples(groups, group_advantages(groups, cfg.algorithm), cfg.algorithm))
+
+    def adapter(learner):  # runs in the actor: the trainable tensors, and whether the frozen ones moved
+        from safetensors.torch import load_file
+
+        module = learner.engine.module
+        base = load_file(str(learner._model_path) + "/model.safetensors")
+        frozen = {n.removeprefix("base_model.model.").replace(".base_layer", ""): p
+                  for n, p in module.named_parameters() if not p.requires_grad}
+        return ({n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad},
+                all(torch.equal(frozen[n], base[n]) for n in base))
+
+    def hf_logprobs(model) -> torch.Tensor:
+        ids = torch.tensor([stack.probe_ids])
+        with torch.no_grad():
+            return token_logprobs(model(input_ids=ids).logits, ids)[0].double()
+
+    writer = Fleet.start(cfg, str(stack.model), rollout_workers=0)
+    reader = None
+    try:
+        before = stack.learner_logprobs(writer.learners[0])
+        first = writer.update(batches[0], loss_normalizers(batches[0], cfg.algorithm))
+        assert first.sums.kl == pytest.approx(0.0, abs=1e-9) and first.grad_norm > 0  # a fresh adapter is the base
+        trained, base_kept = ray.get(writer.learners[0].__ray_call__.remote(adapter))
+        assert base_kept and trained and all(".lora_A." in n or ".lora_B." in n for n in trained)
+        learner = stack.learner_logprobs(writer.learners[0])
+        assert (learner - before).abs().max() > MOVED_AT_LEAST
+
+        # The streamed sync of the merged weights, into the shared engine; then the object store's blob.
+        writer._streamed.sync(writer.learners, stack.fleet.rollouts, 41, writer._learner_call, writer._publish)
+        stack.fleet._streamed.forget_group()  # the engine left the shared learner's group for this one
+        torch.testing.assert_close(stack.engine_logprobs(), learner, atol=LOGPROB_ATOL, rtol=0)
+        blob = writer.learners[0].weights_blob.remote()
+        ray.get(stack.worker.load_weights.remote(blob, 42), timeout=300)
+        torch.testing.assert_close(stack.engine_logprobs(), learner, atol=LOGPROB_ATOL, rtol=0)
+
+        writer.save_learners(tmp_path / "deepspeed", "state")
+        writer.export(tmp_path / "model")
+        model_file = stack.model / "model.safetensors"
+        states = list((tmp_path / "deepspeed" / "state").glob("*model_states.pt"))
+        assert states and all(f.stat().st_size < model_file.stat().st_size / 4 for f in states)  # no base inside
+        expected = writer.update(batches[1], loss_normalizers(batches[1], cfg.algorithm))
+        assert expected.sums.kl > 0
+
+        reader = Fleet.start(cfg, str(stack.model), rollout_workers=0)
+        reader.load_learners(tmp_path / "deepspeed", "state")
+        got = reader.update(batches[1], loss_normalizers(batches[1], cfg.algorithm))
+        assert got.sums == expected.sums and got.grad_norm == expected.grad_norm
+        (after_writer, _), (after_reader, kept) = ray.get([f.learners[0].__ray_call__.remote(adapter)
+                                                         for f in (writer, reader)])
+        assert kept and after_reader.keys() == after_writer.keys()
+        assert all(torch.equal(after_reader[k], after_writer[k]) for k in after_writer)
+
+        merged = AutoModelForCausalLM.from_pretrained(tmp_path / "model", dtype=torch.float32)
+        torch.testing.assert_close(hf_logprobs(merged), learner, atol=LOGPROB_ATOL, rtol=0)
+        with_adapter = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(stack.model, dtype=torch.float32),
+                                                 str(tmp_path / "model" / "adapter"))
+        torch.testing.assert_close(hf_logprobs(with_adapter), learner, atol=LOGPROB_ATOL, rtol=0)
+    finally:
+        for fleet in (writer, reader):
+            if fleet is not None:
+                fleet.shutdown()
+        stack.fleet.sync_weights(43)  # the shared engine back on the shared learner's weights
+
+
 # ---------------------------------------------------------------- the CLI (no Ray started)
 
 
