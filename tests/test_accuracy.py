@@ -97,3 +97,16 @@ def test_eval_report_shows_strict_and_lenient_side_by_side():
     without = report_from_trajectories(trajectories, [1])  # no reference answers: strict only, as before
     assert without.lenient_correct is None and "lenient" not in format_report(without, "m")
     assert "lenient_accuracy" not in without.to_dict()
+
+
+def test_the_run_report_shows_lenient_beside_strict(tmp_path):
+    from innerloop.distributed.lens.report import _summary_section
+
+    records = [{"step": 0, "event": "eval_before", "eval_accuracy": 0.1, "eval_lenient_accuracy": 0.3},
+               {"step": 1, "reward_mean": 0.0},
+               {"step": 1, "event": "eval_after", "eval_accuracy": 0.5, "eval_lenient_accuracy": 0.625}]
+    _, html = _summary_section(records, tmp_path)
+    assert "<td>lenient held-out accuracy after training</td><td>62.5%</td>" in html
+    assert "<td>lenient held-out accuracy before training</td><td>30.0%</td>" in html
+    _, older = _summary_section([r for r in records if "event" not in r], tmp_path)
+    assert "lenient" not in older  # a run from before lenient accuracy: no such rows

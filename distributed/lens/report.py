@@ -202,6 +202,7 @@ def _summary_section(records: list[dict[str, Any]], run_dir: Path) -> tuple[str,
     rows = [("steps logged", f"{s.steps} (last step {s.last_step})"),
             ("held-out accuracy before training", _percent(s.accuracy_before)),
             ("held-out accuracy after training", _percent(s.accuracy_after)),
+            *_lenient_rows(records),
             ("median step time", "-" if s.median_step_seconds is None else f"{s.median_step_seconds:.2f} s"),
             ("share of step time", shares),
             ("mean staleness (policy versions)", "-" if s.staleness_mean is None else f"{s.staleness_mean:.2f}")]
@@ -210,6 +211,13 @@ def _summary_section(records: list[dict[str, Any]], run_dir: Path) -> tuple[str,
     if superseded:
         rows.append(("records superseded by resumes", f"{superseded} (see superseded.jsonl)"))
     return "Summary", _table(rows)
+
+
+def _lenient_rows(records: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    """Lenient held-out accuracy (the last number, boxed or not; lens/accuracy.py), where the run logged it."""
+    lenient = {r.get("event"): r["eval_lenient_accuracy"] for r in records if _finite(r.get("eval_lenient_accuracy"))}
+    return [(f"lenient held-out accuracy {when} training", _percent(lenient.get(f"eval_{when}")))
+            for when in ("before", "after") if lenient]
 
 
 def _training_section(records: list[dict[str, Any]]) -> tuple[str, str]:
