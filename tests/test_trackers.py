@@ -303,6 +303,25 @@ def test_a_tracker_extra_not_installed_is_refused_before_anything_starts(tmp_pat
     check_trackers(load_config(None, ["tracking.backends=[tensorboard]"]).tracking)  # not named: not needed
 
 
+def test_online_wandb_without_a_login_is_refused_at_start_not_left_to_prompt(tmp_path, monkeypatch):
+    cfg = load_config(None, ["tracking.backends=[wandb]", "tracking.wandb_mode=online"])
+    with pytest.raises(ConfigError, match=r"wandb_mode=online needs a W&B login.*wandb_mode=offline"):
+        check_trackers(cfg.tracking)  # no WANDB_API_KEY, an empty netrc (the fixture)
+    (tmp_path / "netrc").write_text("machine api.wandb.ai login user password " + "k" * 40 + "\n")
+    monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))
+    check_trackers(cfg.tracking)  # `wandb login`'s entry is enough
+
+
+def test_a_password_in_the_mlflow_uri_reaches_no_tracker(tmp_path):
+    uri = "https://bob:s3cret@mlflow.example.com:5000"
+    run, _ = started(tmp_path / "run", "tracking.backends=[wandb]", f"tracking.mlflow_uri={uri}")
+    run.close()
+    [records] = wandb_runs(run.path)
+    config = {i.key: json.loads(i.value_json) for i in of_kind(records, "run")[0].config.update}
+    assert config["tracking"]["mlflow_uri"] == "https://bob:***@mlflow.example.com:5000"
+    assert not [f for f in (run.path / "wandb").rglob("*") if f.is_file() and b"s3cret" in f.read_bytes()]
+
+
 def test_mlflow_and_wandb_are_imported_only_by_the_tracker_module():
     users = {"mlflow": set(), "wandb": set()}
     for source in sorted(p for folder in ("actors", "learners", "distributed") for p in (ROOT / folder).rglob("*.py")):

@@ -22,9 +22,11 @@ import importlib
 import json
 import logging
 import math
+import netrc
 import os
 import re
 import time
+import urllib.parse
 import uuid
 from pathlib import Path
 from typing import Any, Callable
@@ -51,6 +53,24 @@ def check_trackers(tracking: TrackingConfig) -> None:
         except ImportError as exc:
             raise ConfigError(f"tracking.backends names {name}, but {module} does not import here ({exc}); "
                               f"install it with `{install}`, or take {name} out of tracking.backends") from None
+    if "wandb" in tracking.backends and tracking.wandb_mode == "online" and not wandb_login_found():
+        # Without one, wandb asks on the terminal, where innerloop hides third-party output: a silent hang.
+        raise ConfigError("tracking.wandb_mode=online needs a W&B login and none was found (WANDB_API_KEY, or "
+                          "`wandb login`'s entry in ~/.netrc); log in, or use tracking.wandb_mode=offline and "
+                          "`wandb sync` the run later")
+
+
+def wandb_login_found() -> bool:
+    """Whether wandb has credentials without asking: its key variables, or a netrc entry (for
+    WANDB_BASE_URL's host; without it, any entry, as a self-hosted server's host is in wandb's settings)."""
+    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
+        return True
+    try:
+        entries = netrc.netrc(os.environ.get("NETRC") or None).hosts
+    except (OSError, netrc.NetrcParseError):
+        return False
+    base = os.environ.get("WANDB_BASE_URL")
+    return urllib.parse.urlparse(base).hostname in entries if base else bool(entries)
 
 
 class Tracker:
@@ -171,9 +191,9 @@ class MlflowTracker(Tracker):
                                          tags={"innerloop.run_dir": str(self.run_dir)})
             self.run_id = run.info.run_id
         self._log_params(flat, logged)
-        config_file = self.run_dir / "config.yaml"
-        if config_file.exists():
-            self.client.log_artifact(self.run_id, str(config_file))
+        import yaml
+
+        self.client.log_text(self.run_id, yaml.safe_dump(params, sort_keys=False), "config.yaml")  # whole, each start
         return {"run_id": self.run_id, "uri": self.uri}
 
     def _exists(self, run_id: str) -> bool:
@@ -306,6 +326,7 @@ class Trackers:
     @classmethod
     def start(cls, run_dir: Path, tracking: TrackingConfig, params: dict[str, Any]) -> "Trackers":
         trackers = cls(run_dir, [make_tracker(name, run_dir, tracking) for name in tracking.backends])
+        params = redacted(params)
         trackers._state = read_state(run_dir / STATE_FILE)
         for backend in list(trackers.backends):
             saved = trackers._state.get(backend.name, {})
@@ -377,6 +398,18 @@ class Trackers:
         partial = path.with_suffix(".partial")
         partial.write_text(json.dumps(self._state, indent=1) + "\n")
         partial.replace(path)
+
+
+def redacted(params: dict[str, Any]) -> dict[str, Any]:
+    """The config as the trackers get it: a password in tracking.mlflow_uri (user:password@host) masked."""
+    uri = params.get("tracking", {}).get("mlflow_uri")
+    if not uri or "@" not in uri:
+        return params
+    parts = urllib.parse.urlsplit(uri)
+    if parts.password is None:
+        return params
+    netloc = f"{parts.username}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+    return {**params, "tracking": {**params["tracking"], "mlflow_uri": parts._replace(netloc=netloc).geturl()}}
 
 
 def read_state(path: Path) -> dict[str, dict[str, Any]]:
