@@ -354,7 +354,7 @@ class Trackers:
                                               and (last is None or step >= last))
             if metrics and fresh:
                 self._call(backend, "log_metrics", lambda: backend.log_metrics(metrics, step))
-                if backend in self.backends and (last is None or step > last):
+                if backend in self.backends and not backend.resends_steps and (last is None or step > last):
                     state["last_step"], advanced = step, True
             if "event" in record:
                 self._call(backend, "log_event", lambda: backend.log_event(record, step))
