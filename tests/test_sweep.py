@@ -364,3 +364,41 @@ def test_run_needs_counts_what_placement_reserves():
     cfg = load_config(None, ["learner.ranks=2", "learner.gpus_per_rank=1", "rollout.workers=2",
                              "rollout.gpus_per_worker=1"])
     assert jobs.run_needs(cfg) == {"CPU": 4.0, "GPU": 4.0}
+
+
+# ---------------------------------------------------------------- one real run (the real stack, the tiny model)
+
+
+@pytest.mark.integration
+def test_a_real_one_run_sweep_end_to_end(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from tests.tiny_model import build_tiny_model
+
+    repo = Path(__file__).resolve().parent.parent
+    model = build_tiny_model(tmp_path / "tiny")
+    settings = {"model.name": str(model), "model.dtype": "float32", "rollout.max_tokens": 8,
+                "rollout.questions_per_step": 2, "rollout.group_size": 4, "learner.micro_batch_size": 8,
+                "tasks.eval_count": 6, "tasks.train_count": 20, "train.steps": 1, "train.max_minutes": 0,
+                "train.export_final_model": False, "rollout.max_model_len": 512, "rollout.kv_cache_gib": 0.25,
+                "eval.max_tokens": 8}
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump({"base": {"set": settings}, "grid": {"learner.lr": [1e-3]}, "seeds": [0],
+                                    "metrics": ["reward_mean"], "last_steps": 1}))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(repo), os.environ.get("PYTHONPATH")]))}
+    env.pop("RAY_ADDRESS", None)
+    command = [sys.executable, "-m", "innerloop.distributed.cli", "sweep", str(path), "--out", str(tmp_path / "out")]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+    run_log = tmp_path / "out" / "lr=0.001" / "seed-0.log"
+    assert done.returncode == 0, done.stderr[-3000:] + (run_log.read_text()[-3000:] if run_log.is_file() else "")
+    summary = json.loads((tmp_path / "out" / "sweep.json").read_text())
+    [run] = summary["cells"][0]["runs"]
+    assert run["state"] == "done" and run["steps"] == 1 and run["eval_questions"] == 6
+    assert 0.0 <= run["strict"] <= run["lenient"] <= 1.0
+    per_question = accuracy.read_eval_questions(tmp_path / "out" / "lr=0.001" / "seed-0")
+    assert len(per_question) == 6
+    again = subprocess.run(command, capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)
+    assert again.returncode == 0 and run_log.read_text().count("$ innerloop train") == 1  # finished: skipped
+    assert json.loads((tmp_path / "out" / "sweep.json").read_text())["cells"][0]["runs"][0]["train_seconds"] > 0

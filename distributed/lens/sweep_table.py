@@ -64,6 +64,7 @@ def run_result(run_dir: Path, metrics: Sequence[str], last_steps: int) -> dict[s
     named metric's mean over the last `last_steps` steps."""
     records = read_records(run_dir / "metrics.jsonl")
     final = next((r for r in reversed(records) if r.get("event") == "eval_after"), {})
+    done = next((r for r in reversed(records) if r.get("event") == "done"), {})
     steps = [r for r in records if "event" not in r]
     tail = steps[-last_steps:]
     means = {}
@@ -72,7 +73,8 @@ def run_result(run_dir: Path, metrics: Sequence[str], last_steps: int) -> dict[s
         means[name] = sum(values) / len(values) if values else None
     return {"steps": len(steps), "strict": _number(final.get("eval_accuracy")),
             "lenient": _number(final.get("eval_lenient_accuracy")), "formatted": _number(final.get("eval_formatted")),
-            "eval_questions": final.get("eval_questions"), "metrics": means}
+            "eval_questions": final.get("eval_questions"), "train_seconds": _number(done.get("seconds")),
+            "metrics": means}
 
 
 def summarize(source: str, cells: dict[str, list[str]], rows: Sequence[RunRow], metrics: Sequence[str],
@@ -192,7 +194,8 @@ def markdown(summary: dict[str, Any]) -> str:
         for run in cell["runs"]:
             def pct(key, run=run):
                 return "-" if run.get(key) is None else f"{100 * run[key]:.1f}%"
-            minutes = "-" if run["seconds"] is None else f"{run['seconds'] / 60:.1f}"
+            seconds = run.get("train_seconds") or run["seconds"]  # the run's own time, else the sweep's on it
+            minutes = "-" if seconds is None else f"{seconds / 60:.1f}"
             lines.append(f"| {cell['name']} | {run['seed']} | {run['state']} | {pct('strict')} | {pct('lenient')} | "
                          f"{run.get('steps', '-')} | {minutes} | {run['run_dir']} |")
             if run["state"] == "failed":
