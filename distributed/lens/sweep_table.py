@@ -229,14 +229,15 @@ def write_figure(summary: dict[str, Any], path: Path) -> None:
 
 
 def write_tables(out: Path, source: str, cells: dict[str, list[str]], rows: Sequence[RunRow],
-                 metrics: Sequence[str], last_steps: int) -> dict[str, Any]:
-    """OUT/sweep.json, OUT/sweep.md and OUT/sweep.png, each written whole then renamed into place."""
+                 metrics: Sequence[str], last_steps: int, figure: bool = True) -> dict[str, Any]:
+    """OUT/sweep.json, OUT/sweep.md and (`figure`) OUT/sweep.png, each written whole then renamed into place."""
     summary = summarize(source, cells, rows, metrics, last_steps)
     _replace(out / "sweep.json", json.dumps(summary, indent=2) + "\n")
     _replace(out / "sweep.md", markdown(summary))
-    partial = out / "sweep.png.partial"
-    write_figure(summary, partial)
-    partial.replace(out / "sweep.png")
+    if figure:
+        partial = out / "sweep.png.partial"
+        write_figure(summary, partial)
+        partial.replace(out / "sweep.png")
     return summary
 
 

@@ -284,21 +284,22 @@ def run_sweep(sweep: Sweep, out: Path, runner: Runner) -> dict:
     log.info("sweep %s: %d cells x %d seeds; %d runs finished earlier, %d to run (%d resumed)", sweep.source,
              len(sweep.cells), len(sweep.seeds), len(runs) - len(pending), len(pending),
              sum(r.status == "resume" for r in pending))
-    summary = _write(sweep, out, runs, outcomes)
+    _write(sweep, out, runs, outcomes, figure=False)
     try:
         for run, outcome in runner.run(pending):
             outcomes[run.key] = outcome
             if outcome.ok:
                 log.info("run %s finished in %.1f min", run.key, outcome.seconds / 60)
             else:
-                log.warning("run %s failed: %s", run.key, outcome.error.strip().splitlines()[-1:] or "")
-            summary = _write(sweep, out, runs, outcomes)
+                log.warning("run %s failed: %s", run.key, (outcome.error.strip().splitlines() or [""])[-1])
+            _write(sweep, out, runs, outcomes, figure=False)  # the table so far, after every run
     finally:
         summary = _write(sweep, out, runs, outcomes)
     return summary
 
 
-def _write(sweep: Sweep, out: Path, runs: list[PlannedRun], outcomes: dict[str, RunOutcome | None]) -> dict:
+def _write(sweep: Sweep, out: Path, runs: list[PlannedRun], outcomes: dict[str, RunOutcome | None],
+           figure: bool = True) -> dict:
     rows = []
     for run in runs:
         outcome = outcomes[run.key]
@@ -312,7 +313,7 @@ def _write(sweep: Sweep, out: Path, runs: list[PlannedRun], outcomes: dict[str, 
         rows.append(sweep_table.RunRow(run.cell, run.seed, run.run_dir, state, error,
                                        outcome.seconds if outcome is not None else None))
     cells = {c.name: [f"{k}={_value_text(v)}" for k, v in c.overrides] for c in sweep.cells}
-    return sweep_table.write_tables(out, str(sweep.source), cells, rows, sweep.metrics, sweep.last_steps)
+    return sweep_table.write_tables(out, str(sweep.source), cells, rows, sweep.metrics, sweep.last_steps, figure)
 
 
 def tail(path: Path, lines: int = 15) -> str:
