@@ -303,16 +303,19 @@ class Learner(ColocatedWeights):
     def export(self, folder: str) -> None:
         """Write a Hugging Face folder (weights, config, tokenizer) that transformers and vLLM load.
         With LoRA: the merged model, and the adapter alone in `adapter/` (peft's format)."""
+        import deepspeed
         from transformers import AutoTokenizer
 
+        module, zero3 = self.engine.module, self._cfg.zero_stage == 3
+        adapter = None if self._cfg.lora is None else lora.adapter_state(  # every rank: ZeRO-3 gathers together
+            module, lambda params: deepspeed.zero.GatheredParameters(params, enabled=zero3))
         state = self.full_state_dict()
         if state is None:
             return
         path = Path(folder)
         path.mkdir(parents=True, exist_ok=True)
-        module = self.engine.module
-        if self._cfg.lora is not None:
-            lora.save_adapter(module, path / lora.ADAPTER_FOLDER, self._model_path)
+        if adapter is not None:
+            lora.save_adapter(module, path / lora.ADAPTER_FOLDER, self._model_path, adapter)
             module = module.get_base_model()
         module.save_pretrained(path, state_dict=state, safe_serialization=True)
         AutoTokenizer.from_pretrained(self._model_path).save_pretrained(path)

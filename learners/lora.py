@@ -201,20 +201,22 @@ class AdapterDisabled:
 # ---------------------------------------------------------------- the adapter on disk
 
 
-def adapter_state(model) -> dict[str, torch.Tensor]:
-    """The adapter's tensors under peft's saved names (what adapter_model.safetensors holds)."""
-    from peft import get_peft_model_state_dict
+def adapter_state(model, gather: Gather = _no_gather) -> dict[str, torch.Tensor]:
+    """The adapter's tensors, whole, under the peft model's own names (every rank calls it together
+    under ZeRO-3; each gets a copy)."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    with gather([p for _, p in named]):
+        return {n: p.data.detach().clone() for n, p in named}
 
-    return {k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()}
 
-
-def save_adapter(model, folder: Path, base_model: str) -> None:
+def save_adapter(model, folder: Path, base_model: str, state: dict[str, torch.Tensor]) -> None:
     """The adapter alone in peft's format (adapter_config.json, adapter_model.safetensors): load it with
-    `PeftModel.from_pretrained(base, folder)`, or give it to an engine that serves LoRA adapters."""
+    `PeftModel.from_pretrained(base, folder)`, or give it to an engine that serves LoRA adapters.
+    `state`: `adapter_state(model)`."""
     config = model.peft_config[ADAPTER]
     saved_base = config.base_model_name_or_path
     config.base_model_name_or_path = base_model
     try:
-        model.save_pretrained(str(folder), safe_serialization=True)
+        model.save_pretrained(str(folder), state_dict=state, safe_serialization=True)
     finally:
         config.base_model_name_or_path = saved_base

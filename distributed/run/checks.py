@@ -132,14 +132,10 @@ def check_shards_divide(cfg: Config, model_path: str) -> None:
 
 
 def check_lora(cfg: Config, model_path: str) -> None:
-    """learner.lora: its target modules are Linear layers of this model; ZeRO-3 is refused (not built)."""
+    """learner.lora: its target modules are Linear layers of this model (before any actor starts)."""
     lora = cfg.learner.lora
     if lora is None:
         return
-    if cfg.learner.zero_stage == 3:
-        raise ConfigError("learner.lora with learner.zero_stage=3 is not built yet (the adapter's merge, export and "
-                          "checkpoint are tested on whole parameters only); a LoRA adapter's optimizer state is small, "
-                          "so use learner.zero_stage=2")
     from innerloop.learners.lora import LoraTargetError, check_targets
 
     try:
