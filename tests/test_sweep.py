@@ -278,6 +278,8 @@ def test_table_of_runs_without_per_question_results_has_no_comparison(tmp_path):
         rows.append(sweep_table.RunRow(cell, 0, run_dir, "done"))
     summary = sweep_table.write_tables(tmp_path, "s.yaml", {"a": [], "b": []}, rows, ["reward_mean"], 3)
     assert summary["comparisons"] == [] and summary["cells"][0]["strict"]["ci95_half_width"] is None
+    assert summary["unlogged_metrics"] == ["reward_mean"] and "No finished run logged reward_mean" in \
+        (tmp_path / "sweep.md").read_text()
     assert summary["cells"][0]["lenient"] is None  # a run from before lenient accuracy was logged
     assert "| a | - | 1/1 | 50.0% (n=1) | - | - |" in (tmp_path / "sweep.md").read_text()
 

@@ -97,8 +97,10 @@ def summarize(source: str, cells: dict[str, list[str]], rows: Sequence[RunRow], 
                           "lenient": _interval(r["lenient"] for r in done),
                           "metrics": {m: _interval(r["metrics"][m] for r in done) for m in metrics}})
     comparisons = [c for a, b in itertools.combinations(cells, 2) if (c := compare(a, b, questions))]
+    finished = [r for c in out_cells for r in c["runs"] if r["state"] == "done"]
+    unlogged = [m for m in metrics if finished and all(r["metrics"][m] is None for r in finished)]
     return {"sweep": source, "written": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "last_steps": last_steps,
-            "metrics": list(metrics), "cells": out_cells, "comparisons": comparisons}
+            "metrics": list(metrics), "unlogged_metrics": unlogged, "cells": out_cells, "comparisons": comparisons}
 
 
 def _interval(values) -> dict | None:
@@ -170,6 +172,9 @@ def markdown(summary: dict[str, Any]) -> str:
         lines.append(f"| {cell['name']} | {_cell_text(', '.join(cell['overrides']) or '-')} | "
                      f"{cell['seeds_done']}/{cell['seeds']} | {_pct(cell['strict'])} | {_pct(cell['lenient'])} |"
                      + "".join(f" {_num(cell['metrics'][m])} |" for m in metrics))
+    if summary["unlogged_metrics"]:
+        lines += ["", f"No finished run logged {', '.join(summary['unlogged_metrics'])} (a typo in the sweep "
+                  "file's metrics? A step record's keys are the names)."]
     if summary["comparisons"]:
         lines += ["", "## Paired comparisons", "",
                   "A - B on the same held-out questions, seeds paired by number and pooled. McNemar: exact test "
