@@ -404,3 +404,17 @@ def test_a_real_one_run_sweep_end_to_end(tmp_path):
     again = subprocess.run(command, capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)
     assert again.returncode == 0 and run_log.read_text().count("$ innerloop train") == 1  # finished: skipped
     assert json.loads((tmp_path / "out" / "sweep.json").read_text())["cells"][0]["runs"][0]["train_seconds"] > 0
+
+
+def test_an_unreachable_job_server_is_a_clear_error(monkeypatch):
+    import ray.job_submission
+
+    from innerloop.distributed.errors import RunStopped
+
+    def refuse(address):
+        raise ConnectionError(f"Failed to connect to Ray at address: {address}.\nmore detail")
+
+    monkeypatch.setattr(ray.job_submission, "JobSubmissionClient", refuse)
+    with pytest.raises(RunStopped, match="cannot reach the Ray job server at http://head:8265: ConnectionError: "
+                                         "Failed to connect"):
+        jobs.RayJobRunner("http://head:8265", parallel=1)

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Iterator, Protocol, Sequence
 
 from innerloop.distributed.config import Config
+from innerloop.distributed.errors import RunStopped
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +71,13 @@ class RayJobRunner:
         if client is None:
             from ray.job_submission import JobSubmissionClient
 
-            client = JobSubmissionClient(address)
+            try:
+                client = JobSubmissionClient(address)
+            except Exception as exc:  # connection, version and authentication errors, each its own type
+                raise RunStopped(f"cannot reach the Ray job server at {address}: {type(exc).__name__}: "
+                                 f"{str(exc).splitlines()[0] if str(exc) else ''} (a cluster with token "
+                                 "authentication also needs RAY_AUTH_MODE=token here, with its token in "
+                                 "~/.ray/auth_token or RAY_AUTH_TOKEN)") from None
         self._client, self._poll_s = client, poll_s
         self.parallel = parallel or runs_that_fit(self._cluster_resources(probe_timeout_s), needs or {"CPU": 1.0})
         log.info("Ray jobs at %s, at most %d runs at once", address, self.parallel)
