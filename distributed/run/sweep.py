@@ -305,7 +305,8 @@ def _write(sweep: Sweep, out: Path, runs: list[PlannedRun], outcomes: dict[str, 
         outcome = outcomes[run.key]
         if run.status == "done" or (outcome is not None and outcome.ok):
             state = "done" if run_status(run.run_dir) == "done" else "failed"
-            error = "" if state == "done" else "the run exited cleanly but wrote no 'done' record"
+            error = "" if state == "done" else ("the run exited cleanly, but its run directory holds no 'done' "
+                                                "record (with --address: does the head node share OUT's filesystem?)")
         elif outcome is not None:
             state, error = "failed", outcome.error
         else:
