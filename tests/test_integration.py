@@ -1047,6 +1047,58 @@ def test_lora_trains_the_adapter_syncs_merged_weights_and_resumes_exactly(stack,
         stack.fleet.sync_weights(43)  # the shared engine back on the shared learner's weights
 
 
+@pytest.mark.integration
+def test_lora_on_two_zero3_ranks_publishes_the_merged_weights_and_resumes_exactly(stack, tmp_path):
+    """learner.lora with learner.zero_stage=3 on two ranks (every parameter partitioned, the frozen base
+    too): the published blob and the exported folder are base + B @ A * alpha / r from the exported
+    adapter (gathered, not the ranks' empty partitions), and fresh ranks resume bitwise."""
+    import ray
+    from safetensors.torch import load, load_file
+
+    from innerloop.distributed.cluster.fleet import Fleet
+    from innerloop.distributed.run.questions import load_questions
+    from innerloop.distributed.run.samples import build_samples, group_advantages, group_by_question, loss_normalizers
+
+    cfg = load_config(None, [*_overrides(stack.model), "learner.lora.rank=4", "learner.lora.alpha=8",
+                             "learner.ranks=2", "learner.zero_stage=3", "learner.lr=1e-2"])
+    questions = load_questions(cfg.tasks)[0][: cfg.rollout.questions_per_step]
+    groups = group_by_question(stack.fleet.rollouts.generate(questions, cfg.rollout.group_size))
+    samples = build_samples(groups, group_advantages(groups, cfg.algorithm), cfg.algorithm)
+    normalizers = loss_normalizers(samples, cfg.algorithm)
+    writer = Fleet.start(cfg, str(stack.model), rollout_workers=0)
+    reader = None
+    try:
+        writer.update(samples, normalizers)
+        blobs = ray.get([l.weights_blob.remote() for l in writer.learners], timeout=300)  # all ranks gather
+        assert blobs[1] is None
+        writer.export(tmp_path / "model")
+        writer.save_learners(tmp_path / "deepspeed", "state")
+        expected = writer.update(samples, normalizers)
+
+        merged, exported = load(blobs[0]), load_file(tmp_path / "model" / "model.safetensors")
+        adapter = load_file(tmp_path / "model" / "adapter" / "adapter_model.safetensors")
+        base = load_file(stack.model / "model.safetensors")
+        assert merged.keys() == exported.keys() == base.keys() - {"lm_head.weight"}
+        moved = 0
+        for name, weight in merged.items():
+            stem = "base_model.model." + name.removesuffix(".weight")
+            a = adapter.get(f"{stem}.lora_A.weight")
+            want = base[name] if a is None else base[name] + adapter[f"{stem}.lora_B.weight"] @ a * (8 / 4)
+            torch.testing.assert_close(weight, want, atol=1e-6, rtol=0)
+            assert torch.equal(exported[name], weight)
+            moved += a is not None and not torch.equal(weight, base[name])
+        assert moved == 2 * 7  # every projection of both layers
+
+        reader = Fleet.start(cfg, str(stack.model), rollout_workers=0)
+        reader.load_learners(tmp_path / "deepspeed", "state")
+        got = reader.update(samples, normalizers)
+        assert got.sums == expected.sums and got.grad_norm == expected.grad_norm
+    finally:
+        for fleet in (writer, reader):
+            if fleet is not None:
+                fleet.shutdown()
+
+
 # ---------------------------------------------------------------- the CLI (no Ray started)
 
 
