@@ -36,14 +36,16 @@ def main() -> int:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--updates", type=int, default=2)
     parser.add_argument("--samples", type=int, default=0, help="the batch's first N samples only (0: all 64)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="config overrides for both variants, e.g. model.dtype=float32 on a CPU without bf16")
     args = parser.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
     if args.command == "prepare":
         return prepare()
     if args.command == "one":
-        print(json.dumps(run_one(args.variant, args.updates, args.samples)))
+        print(json.dumps(run_one(args.variant, args.updates, args.samples, args.set)))
         return 0
-    return compare(args.reps, args.updates, args.samples)
+    return compare(args.reps, args.updates, args.samples, args.set)
 
 
 def prepare() -> int:
@@ -68,7 +70,7 @@ def prepare() -> int:
     return 0
 
 
-def run_one(variant: str, updates: int, count: int = 0) -> dict:
+def run_one(variant: str, updates: int, count: int = 0, overrides: list[str] = ()) -> dict:
     """One variant in this process: seconds per update (median after a warm-up), seconds to publish the
     weights both ways, the trainable parameter count and this process's peak RSS."""
     from collections import deque
@@ -80,7 +82,7 @@ def run_one(variant: str, updates: int, count: int = 0) -> dict:
     from innerloop.distributed.state.model_prep import resolve_model
     from innerloop.learners.learner import Learner
 
-    cfg = load_config(None, VARIANTS[variant])
+    cfg = load_config(None, [*overrides, *VARIANTS[variant]])
     samples = [TrainingSample(**{k: tuple(v) if isinstance(v, list) else v for k, v in row.items()})
                for row in json.loads(BATCH.read_text())][: count or None]
     normalizers = loss_normalizers(samples, cfg.algorithm)
@@ -102,7 +104,7 @@ def run_one(variant: str, updates: int, count: int = 0) -> dict:
             "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
-def compare(reps: int, updates: int, count: int) -> int:
+def compare(reps: int, updates: int, count: int, overrides: list[str]) -> int:
     if not BATCH.exists():
         raise SystemExit(f"{BATCH} is missing: run `scripts/bench_lora.py prepare` first")
     rounds = []
@@ -110,7 +112,7 @@ def compare(reps: int, updates: int, count: int) -> int:
         row = {}
         for variant in VARIANTS:
             out = subprocess.run([sys.executable, __file__, "one", "--variant", variant, "--updates", str(updates),
-                                  "--samples", str(count)], capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
+                                  "--samples", str(count), *(f"--set={o}" for o in overrides)], capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
             row[variant] = json.loads(out)
             print(f"round {rep}: {variant}: update {row[variant]['update_s']:.2f} s, "
                   f"peak {row[variant]['peak_rss_mib']:.0f} MiB, stream walk {row[variant]['stream_walk_s']:.3f} s, "
