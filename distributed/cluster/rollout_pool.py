@@ -146,6 +146,10 @@ class RolloutPool:
     def _settle(self, calls: dict[int, "ray.ObjectRef"], phase: str, what: str) -> tuple[dict, list[int]]:
         """Wait (bounded) for every call; results by worker index, and the workers that died."""
         self._watchdog.settle(list(calls.values()), phase, what)
+        try:  # all finished: one fetch for them all (a get per worker costs the driver one round trip each)
+            return dict(zip(calls, ray.get(list(calls.values()), timeout=0))), []
+        except ray.exceptions.RayActorError:
+            pass  # some died: read them one by one, to know which
         done, lost = {}, []
         for i, ref in calls.items():
             try:

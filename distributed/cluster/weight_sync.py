@@ -95,6 +95,11 @@ class StreamedSync:
             learner_call(learner_refs, "sync", what)
         except ray.exceptions.RayTaskError as exc:
             log.warning("learner rank 0 failed in %s: %s", what, first_line(exc))
+        try:  # all finished: one fetch for them all, not one round trip per worker
+            ray.get(list(worker_refs.values()), timeout=0)
+            return [], []
+        except ray.exceptions.RayError:
+            pass  # some died or failed: read them one by one, to know which
         failed, lost = [], []
         for worker, ref in worker_refs.items():
             try:

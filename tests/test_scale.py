@@ -1,0 +1,60 @@
+"""The rollout pool and the streamed sync read every finished call with one fetch; only when a
+worker died do they read them one by one, to know which (scripts/bench_scale.py measured why)."""
+
+from __future__ import annotations
+
+import ray
+
+from innerloop.distributed.cluster import rollout_pool, weight_sync
+
+
+class _Watchdog:
+    def settle(self, refs, phase, what):
+        pass
+
+
+class _Get:
+    """Stands in for ray.get on finished calls: 'dead' refs raise as a dead actor's would."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, refs, timeout=None):
+        self.calls += 1
+        for ref in refs if isinstance(refs, list) else [refs]:
+            if ref.startswith("dead"):
+                raise ray.exceptions.RayActorError()
+        return [f"result-{r}" for r in refs] if isinstance(refs, list) else f"result-{refs}"
+
+
+def _pool():
+    pool = object.__new__(rollout_pool.RolloutPool)
+    pool._watchdog = _Watchdog()
+    return pool
+
+
+def test_finished_calls_are_fetched_at_once(monkeypatch):
+    get = _Get()
+    monkeypatch.setattr(rollout_pool.ray, "get", get)
+    done, lost = _pool()._settle({i: f"ref{i}" for i in range(64)}, "generate", "generation")
+    assert get.calls == 1 and lost == [] and done == {i: f"result-ref{i}" for i in range(64)}
+
+
+def test_a_dead_worker_is_still_found_by_reading_the_calls_one_by_one(monkeypatch):
+    get = _Get()
+    monkeypatch.setattr(rollout_pool.ray, "get", get)
+    done, lost = _pool()._settle({0: "ref0", 1: "dead1", 2: "ref2"}, "generate", "generation")
+    assert lost == [1] and done == {0: "result-ref0", 2: "result-ref2"}
+    assert get.calls == 1 + 3
+
+
+def test_the_streamed_sync_reads_its_workers_outcomes_at_once(monkeypatch):
+    get = _Get()
+    monkeypatch.setattr(weight_sync.ray, "get", get)
+    sync = object.__new__(weight_sync.StreamedSync)
+    sync._watchdog = _Watchdog()
+    calls = lambda refs, phase, what: []  # noqa: E731 (the learners' side answered)
+    assert sync._outcomes([], {f"w{i}": f"ref{i}" for i in range(16)}, calls, "sync") == ([], [])
+    assert get.calls == 1
+    failed, lost = sync._outcomes([], {"w0": "ref0", "w1": "dead1"}, calls, "sync")
+    assert (failed, lost) == ([], ["w1"])
