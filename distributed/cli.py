@@ -260,7 +260,7 @@ def _add_sweep(commands) -> None:
     sweep = commands.add_parser("sweep", help="a grid of configs x seeds, each an ordinary training run; a "
                                 "table of mean +- 95%% CI per cell and paired tests between cells (resumable)")
     sweep.add_argument("sweep_file", metavar="SWEEP.yaml", help="base config, grid, seeds, metrics (see "
-                       "configs/sweep-mini-batches.yaml)")
+                       "configs/sweeps/mini-batches.yaml)")
     sweep.add_argument("--out", metavar="DIR", help="where the runs and sweep.json/.md/.png go (default: "
                        "sweeps/<file name>); run the same command again to resume")
     sweep.add_argument("--address", help="a Ray cluster ('auto', host:port or the dashboard's http://host:8265): "

@@ -109,7 +109,7 @@ def test_a_good_sweep_file_reads_and_validates(tmp_path):
 
 
 def test_the_example_sweep_file_validates():
-    plan = sweep.read_sweep(Path(__file__).resolve().parent.parent / "configs" / "sweep-mini-batches.yaml")
+    plan = sweep.read_sweep(Path(__file__).resolve().parent.parent / "configs" / "sweeps" / "mini-batches.yaml")
     sweep.validate(plan)
     assert len(plan.cells) == 2 and len(plan.seeds) == 3
 
