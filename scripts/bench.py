@@ -330,6 +330,7 @@ def _tiny_model() -> Path:
 # Llama shapes with random weights and the demo model's tokenizer: sync time depends on size only.
 LLAMA_SIZES = {  # hidden, intermediate, layers, attention heads, key-value heads
     "0.5B": (1536, 4096, 16, 24, 8),
+    "1B": (2048, 5632, 22, 16, 8),
     "1.5B": (2048, 5632, 28, 16, 8),
 }
 
