@@ -78,16 +78,23 @@ class Fleet:
         """One optimizer step on every rank; the ranks' metrics as one record. Colocated engines
         sleep first (the next weight sync wakes them)."""
         self._free_gpus()
-        per_rank = self._learner_call([l.update.remote(samples, normalizers) for l in self.learners],
+        batch = self._shared(samples)
+        per_rank = self._learner_call([l.update.remote(batch, normalizers) for l in self.learners],
                                       "update", "the policy update")
         return UpdateMetrics.over_ranks(per_rank)
 
     def sft_update(self, samples: list[TrainingSample], normalizer: float) -> UpdateMetrics:
         """One supervised (negative log-likelihood) optimizer step on every rank."""
         self._free_gpus()
-        per_rank = self._learner_call([l.sft_update.remote(samples, normalizer) for l in self.learners],
+        batch = self._shared(samples)
+        per_rank = self._learner_call([l.sft_update.remote(batch, normalizer) for l in self.learners],
                                       "update", "the SFT update")
         return UpdateMetrics.over_ranks(per_rank)
+
+    def _shared(self, samples: list[TrainingSample]):
+        """The step's samples, serialized once for all ranks (Ray hands each rank the value) instead of
+        once per rank: with many ranks that copy was the driver's largest per-step cost."""
+        return ray.put(samples) if len(self.learners) > 1 else samples
 
     def _free_gpus(self) -> None:
         if self.cfg.rollout.colocate:
