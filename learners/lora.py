@@ -125,11 +125,9 @@ def adapter_untrained(model) -> bool:
 # ---------------------------------------------------------------- the merged model, by base names
 
 
-def _walk(model, merge: bool, gather: Gather) -> Iterator[tuple[str, torch.Tensor]]:
-    """(base name, tensor) of every parameter of the model without its adapter, tied weights once, in
-    one order on every rank. merge: a LoRA layer's weight is W + B @ A * scale (computed in float32,
-    returned in W's dtype), else the parameter itself. Under ZeRO-3 `gather` makes each module's own
-    parameters whole while its tensors are produced."""
+def _base_modules(model) -> Iterator[tuple[str, torch.nn.Module, bool, list[tuple[str, torch.nn.Parameter]]]]:
+    """(name prefix, module, is a LoRA layer, its own parameters) of the model without its adapter, in
+    one order on every rank; a LoRA layer's submodules come with it, tied weights once."""
     base = model.get_base_model()
     layers, seen = _lora_layers(base), set()
     skip = tuple(f"{name}." for name in layers)  # a LoRA layer's submodules: produced with the layer
@@ -138,6 +136,20 @@ def _walk(model, merge: bool, gather: Gather) -> Iterator[tuple[str, torch.Tenso
             continue
         prefix = f"{name}." if name else ""
         if name in layers:
+            yield prefix, module, True, []
+            continue
+        own = [(n, p) for n, p in module.named_parameters(recurse=False) if id(p) not in seen]
+        seen.update(id(p) for _, p in own)
+        yield prefix, module, False, own
+
+
+def _walk(model, merge: bool, gather: Gather) -> Iterator[tuple[str, torch.Tensor]]:
+    """(base name, tensor) of every parameter of the model without its adapter (`_base_modules`' order).
+    merge: a LoRA layer's weight is W + B @ A * scale (computed in float32, returned in W's dtype), else
+    the parameter itself. Under ZeRO-3 `gather` makes each module's own parameters whole while its
+    tensors are produced."""
+    for prefix, module, is_lora, own in _base_modules(model):
+        if is_lora:
             inner = module.get_base_layer()
             owned = [p for p in (inner.weight, inner.bias) if p is not None]
             adapter = [module.lora_A[ADAPTER].weight, module.lora_B[ADAPTER].weight]
@@ -150,8 +162,6 @@ def _walk(model, merge: bool, gather: Gather) -> Iterator[tuple[str, torch.Tenso
                 if inner.bias is not None:
                     yield prefix + "bias", inner.bias.data
             continue
-        own = [(n, p) for n, p in module.named_parameters(recurse=False) if id(p) not in seen]
-        seen.update(id(p) for _, p in own)
         for pname, param in own:
             with gather([param]):
                 yield prefix + pname, param.data
@@ -165,19 +175,10 @@ def merged_weights(model, gather: Gather = _no_gather) -> Iterator[tuple[str, to
 def base_shapes(model) -> Iterator[tuple[str, torch.nn.Parameter]]:
     """(base name, the parameter a merged tensor replaces): names and shapes for a sync's metadata,
     in `merged_weights`' order, without computing anything."""
-    base = model.get_base_model()
-    layers, seen = _lora_layers(base), set()
-    skip = tuple(f"{name}." for name in layers)
-    for name, module in base.named_modules():
-        if name.startswith(skip):
-            continue
-        prefix = f"{name}." if name else ""
-        if name in layers:
+    for prefix, module, is_lora, own in _base_modules(model):
+        if is_lora:
             inner = module.get_base_layer()
-            yield from ((prefix + n, p) for n, p in (("weight", inner.weight), ("bias", inner.bias)) if p is not None)
-            continue
-        own = [(n, p) for n, p in module.named_parameters(recurse=False) if id(p) not in seen]
-        seen.update(id(p) for _, p in own)
+            own = [(n, p) for n, p in (("weight", inner.weight), ("bias", inner.bias)) if p is not None]
         yield from ((prefix + n, p) for n, p in own)
 
 

@@ -56,7 +56,8 @@ def main() -> int:
     return compare(args.variants.split(","), args.reps, args.updates, args.overrides)
 
 
-def prepare() -> int:
+def prepare(batch: Path = BATCH) -> int:
+    """One demo step's batch, rolled out by the real rollout worker, saved to `batch`."""
     from innerloop.actors.rollout import RolloutWorker, worker_args
     from innerloop.distributed.config_load import load_config
     from innerloop.distributed.run.questions import load_questions
@@ -73,8 +74,8 @@ def prepare() -> int:
         worker.close()
     groups = group_by_question(list(rollout.trajectories))
     samples = build_samples(groups, group_advantages(groups, cfg.algorithm), cfg.algorithm)
-    BATCH.write_text(json.dumps([s.__dict__ for s in samples]))
-    print(f"{len(samples)} samples, {sum(len(s.input_ids) for s in samples)} tokens -> {BATCH}")
+    batch.write_text(json.dumps([s.__dict__ for s in samples]))
+    print(f"{len(samples)} samples, {sum(len(s.input_ids) for s in samples)} tokens -> {batch}")
     return 0
 
 

@@ -24,6 +24,8 @@ import sys
 import time
 from pathlib import Path
 
+import bench_learner  # this folder's: the shared batch preparation (scripts/ is on sys.path when run)
+
 OUT = Path("runs/bench")
 BATCH = OUT / "lora_batch.json"
 VARIANTS = {"full": [], "lora": ["learner.lora.rank=16", "learner.lora.alpha=32"]}
@@ -41,33 +43,11 @@ def main() -> int:
     args = parser.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
     if args.command == "prepare":
-        return prepare()
+        return bench_learner.prepare(BATCH)
     if args.command == "one":
         print(json.dumps(run_one(args.variant, args.updates, args.samples, args.set)))
         return 0
     return compare(args.reps, args.updates, args.samples, args.set)
-
-
-def prepare() -> int:
-    from innerloop.actors.rollout import RolloutWorker, worker_args
-    from innerloop.distributed.config_load import load_config
-    from innerloop.distributed.run.questions import load_questions
-    from innerloop.distributed.run.samples import build_samples, group_advantages, group_by_question
-    from innerloop.distributed.state.model_prep import resolve_model
-
-    cfg = load_config()
-    model = resolve_model(cfg.model.name)
-    questions = load_questions(cfg.tasks)[0][: cfg.rollout.questions_per_step]
-    worker = RolloutWorker(*worker_args(cfg, model, cfg.train.seed))
-    try:
-        rollout = worker.generate(questions, cfg.rollout.group_size, seed=0)
-    finally:
-        worker.close()
-    groups = group_by_question(list(rollout.trajectories))
-    samples = build_samples(groups, group_advantages(groups, cfg.algorithm), cfg.algorithm)
-    BATCH.write_text(json.dumps([s.__dict__ for s in samples]))
-    print(f"{len(samples)} samples, {sum(len(s.input_ids) for s in samples)} tokens -> {BATCH}")
-    return 0
 
 
 def run_one(variant: str, updates: int, count: int = 0, overrides: list[str] = ()) -> dict:

@@ -25,6 +25,7 @@ from typing import Any, Sequence
 
 from innerloop.distributed.lens import sweep_stats
 from innerloop.distributed.lens.accuracy import read_eval_questions
+from innerloop.distributed.state.tracking import read_jsonl
 
 BOOTSTRAP_RESAMPLES = 10_000
 
@@ -39,21 +40,6 @@ class RunRow:
     seconds: float | None = None  # this sweep's time on it (None: finished earlier, or not run)
 
 
-def read_records(path: Path) -> list[dict[str, Any]]:
-    """The JSON lines of `path` ([] when absent); a line cut off mid-write is skipped."""
-    if not path.is_file():
-        return []
-    records = []
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(record, dict):
-            records.append(record)
-    return records
-
-
 def _number(value: Any) -> float | None:
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     return float(value) if ok else None
@@ -62,7 +48,7 @@ def _number(value: Any) -> float | None:
 def run_result(run_dir: Path, metrics: Sequence[str], last_steps: int) -> dict[str, Any]:
     """What one run directory says: final strict/lenient accuracy, formatted share, step count, and each
     named metric's mean over the last `last_steps` steps."""
-    records = read_records(run_dir / "metrics.jsonl")
+    records = read_jsonl(run_dir / "metrics.jsonl")
     final = next((r for r in reversed(records) if r.get("event") == "eval_after"), {})
     done = next((r for r in reversed(records) if r.get("event") == "done"), {})
     steps = [r for r in records if "event" not in r]

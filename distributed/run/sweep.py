@@ -40,6 +40,7 @@ import yaml
 from innerloop.distributed.config import Config, ConfigError
 from innerloop.distributed.config_load import load_config
 from innerloop.distributed.lens import sweep_table
+from innerloop.distributed.state.tracking import read_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -228,7 +229,7 @@ class PlannedRun:
 
 def run_status(run_dir: Path) -> str:
     """done: metrics.jsonl holds the "done" record; resume: a run started there; new: nothing yet."""
-    if any(r.get("event") == "done" for r in sweep_table.read_records(run_dir / "metrics.jsonl")):
+    if any(r.get("event") == "done" for r in read_jsonl(run_dir / "metrics.jsonl")):
         return "done"
     return "resume" if (run_dir / "config.yaml").is_file() else "new"
 

@@ -152,7 +152,7 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
     if not path.exists():
         return []
     records = []
-    for line in path.read_text().splitlines():
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():  # a cut multibyte char too
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
