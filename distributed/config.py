@@ -111,6 +111,39 @@ class LearnerConfig(Section):
         return self
 
 
+class SampledEvalConfig(Section):
+    # Pass@k beside strict and lenient accuracy (docs/evaluation.md): `samples` completions per
+    # held-out question at `temperature` > 0 (top_p, max_tokens, stop: eval's), on the first
+    # `questions` held-out questions (0: all). samples 0: off. `innerloop eval` always reports it.
+    samples: int = Field(8, ge=0)
+    temperature: float = Field(0.7, gt=0.0)
+    pass_k: list[int] = Field(default_factory=lambda: [2, 4, 8], min_length=1)  # even k (mG-Pass@k's sum)
+    # 32 x 8 samples take about 1.5 min on the 2-core CPU demo machine (float32), as long as 8 steps.
+    questions: int = Field(32, ge=0)
+    # Which of a run's held-out evals also report it: off (the default: see the cost above) | after
+    # (the final eval, which the sweep table reads) | before_and_after.
+    in_training: Literal["off", "after", "before_and_after"] = "off"
+
+    @model_validator(mode="after")
+    def _standard_pass_k(self) -> "SampledEvalConfig":
+        if self.samples and self.samples < 8:
+            raise ValueError(f"eval.sampled.samples = {self.samples}: Pass@k here is estimated from at least 8 "
+                             "samples per question (Pass@8 needs 8); set 8 or more, or 0 to turn it off")
+        for k in self.pass_k:
+            if k < 2 or k % 2:
+                raise ValueError(f"eval.sampled.pass_k holds k={k}: give even k >= 2 (mG-Pass@k's thresholds "
+                                 "above k/2 are exact only for even k; Pass@1 is Avg@n, reported anyway)")
+            if self.samples and k > self.samples:
+                raise ValueError(f"eval.sampled.pass_k holds k={k} > eval.sampled.samples = {self.samples}; "
+                                 f"draw at least {k} samples or drop k={k}")
+        return self
+
+    def sampling(self, base: SamplingConfig) -> SamplingConfig:
+        """The eval's sampling settings at this temperature."""
+        return SamplingConfig(temperature=self.temperature, top_p=base.top_p, max_tokens=base.max_tokens,
+                              stop=list(base.stop))
+
+
 class EvalConfig(SamplingConfig):
     temperature: float = Field(0.0, ge=0.0)  # greedy: the same sampling before and after
     before_and_after: bool = True  # held-out accuracy before the first and after the last step
@@ -119,6 +152,7 @@ class EvalConfig(SamplingConfig):
     # and the ks at which Pass@k and mG-Pass@k are reported (see docs/evaluation.md).
     samples: int = Field(1, ge=1)
     pass_k: list[int] = Field(default_factory=lambda: [1], min_length=1)
+    sampled: SampledEvalConfig = Field(default_factory=SampledEvalConfig)
 
     @model_validator(mode="after")
     def _ks_fit_the_samples(self) -> "EvalConfig":

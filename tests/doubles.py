@@ -37,10 +37,10 @@ class FakeFleet:
         self.rollouts = self
         self.on_update = None  # called after each update: a test's hook into the middle of a run
 
-    def generate(self, questions, samples_per_question, sampling=None, seed=None):
-        return self.collect(self.submit(questions, samples_per_question, sampling, seed))
+    def generate(self, questions, samples_per_question, sampling=None, seed=None, phase=None):
+        return self.collect(self.submit(questions, samples_per_question, sampling, seed, phase))
 
-    def submit(self, questions, samples_per_question, sampling=None, seed=None):
+    def submit(self, questions, samples_per_question, sampling=None, seed=None, phase=None):
         """Generates at once, with the weights version synced last (a real worker's queue order)."""
         from innerloop.distributed.records import Trajectory
 

@@ -51,16 +51,19 @@ class RolloutPool:
     # ---- generations ----------------------------------------------------------------------------
 
     def generate(self, questions: list[Question], samples_per_question: int,
-                 sampling: SamplingConfig | None = None, seed: int | None = None) -> list[Trajectory]:
-        """Questions dealt round-robin to the workers; trajectories come back in question order."""
-        return self.collect(self.submit(questions, samples_per_question, sampling, seed))
+                 sampling: SamplingConfig | None = None, seed: int | None = None,
+                 phase: str | None = None) -> list[Trajectory]:
+        """Questions dealt round-robin to the workers; trajectories come back in question order.
+        `phase`: the watchdog's name for the wait (default: generate, or eval for other sampling)."""
+        return self.collect(self.submit(questions, samples_per_question, sampling, seed, phase))
 
     def submit(self, questions: list[Question], samples_per_question: int,
-               sampling: SamplingConfig | None = None, seed: int | None = None) -> "RolloutCall":
+               sampling: SamplingConfig | None = None, seed: int | None = None,
+               phase: str | None = None) -> "RolloutCall":
         """Start generating without waiting: each worker queues the call behind what it was already
         given (an earlier generation, a weight load), so it samples with the weights loaded by then.
         `seed` (one per step) makes each share's samples reproducible."""
-        call = RolloutCall(questions, samples_per_question, sampling, seed)
+        call = RolloutCall(questions, samples_per_question, sampling, seed, phase)
         shares = [questions[i :: len(self.workers)] for i in range(len(self.workers))]
         call.pending = [self._share(call, i, share, i) for i, share in enumerate(shares) if share]
         return call
@@ -76,7 +79,7 @@ class RolloutPool:
         an elastic extra, dropped) and its share is generated again elsewhere, with the same seed."""
         if call.trajectories is not None:
             return call.trajectories
-        phase = "generate" if call.sampling is None else "eval"
+        phase = call.phase or ("generate" if call.sampling is None else "eval")
         self.check_loads(phase)  # they queue behind earlier generations: this phase's deadline
         by_question: dict[str, list[Trajectory]] = {}
         while call.pending:
@@ -282,9 +285,11 @@ class CurrentWeights:
 class RolloutCall:
     """A generation submitted to the workers and not yet collected (or collected: `trajectories`)."""
 
-    def __init__(self, questions: list[Question], samples_per_question: int, sampling, seed: int | None):
+    def __init__(self, questions: list[Question], samples_per_question: int, sampling, seed: int | None,
+                 phase: str | None = None):
         self.questions, self.samples_per_question = questions, samples_per_question
         self.sampling, self.seed = sampling, seed
+        self.phase = phase  # the watchdog's name for its wait; None: generate, or eval for other sampling
         self.pending: list[_Share] = []
         self.trajectories: list[Trajectory] | None = None
 

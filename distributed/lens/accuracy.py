@@ -115,6 +115,19 @@ def read_eval_questions(run_path: Path, event: str = "eval_after") -> dict[str, 
     """{question id: (strict, lenient)} from the last `event` line of RUN_DIR/eval_questions.jsonl
     (a resumed run may have written one twice); None when the run wrote none. A question sampled
     more than once counts as right only if every sample was (training's evals sample once)."""
+    last = last_eval_line(run_path, event)
+    if last is None:
+        return None
+    found: dict[str, tuple[bool, bool]] = {}
+    for qid, strict, lenient in zip(last["question_ids"], last["strict"], last["lenient"]):
+        before = found.get(qid, (True, True))
+        found[qid] = (before[0] and bool(strict), before[1] and bool(lenient))
+    return found
+
+
+def last_eval_line(run_path: Path, event: str) -> dict | None:
+    """The last line of RUN_DIR/eval_questions.jsonl for `event` (a resumed run may have written one
+    twice); None when there is none."""
     path = Path(run_path) / EVAL_QUESTIONS_FILE
     if not path.is_file():
         return None
@@ -126,10 +139,4 @@ def read_eval_questions(run_path: Path, event: str = "eval_after") -> dict[str, 
             continue
         if isinstance(line, dict) and line.get("event") == event:
             last = line
-    if last is None:
-        return None
-    found: dict[str, tuple[bool, bool]] = {}
-    for qid, strict, lenient in zip(last["question_ids"], last["strict"], last["lenient"]):
-        before = found.get(qid, (True, True))
-        found[qid] = (before[0] and bool(strict), before[1] and bool(lenient))
-    return found
+    return last

@@ -1,5 +1,6 @@
 """`innerloop eval`: held-out accuracy, Avg@n, Pass@k and mG-Pass@k of a model folder or checkpoint,
-with one in-process rollout worker drawing `eval.samples` completions per held-out question."""
+with one in-process rollout worker drawing `eval.samples` completions per held-out question, then
+(eval.sampled, unless its samples are 0) n >= 8 completions at T > 0 for the standard Pass@k."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from innerloop.distributed.config import Config
 from innerloop.distributed.state.model_prep import resolve_model
 from innerloop.distributed.lens.accuracy import lenient_correct
 from innerloop.distributed.lens.passk import PassKSummary, summarize
+from innerloop.distributed.lens.sampled_eval import SampledOutcome, format_sampled, score_sampled
 from innerloop.distributed.run.questions import load_questions
 from innerloop.distributed.records import Trajectory
 
@@ -24,6 +26,8 @@ class EvalReport:
     formatted: float  # share of trajectories with the answer format
     passk: PassKSummary
     lenient_correct: int | None = None  # right by the last number, boxed or not (None: answers not given)
+    sampled: SampledOutcome | None = None  # eval.sampled's Pass@k (None: off)
+    sampled_temperature: float | None = None
 
     @property
     def accuracy(self) -> float:
@@ -37,7 +41,9 @@ class EvalReport:
         lenient = {} if self.lenient_correct is None else {"lenient_correct": self.lenient_correct,
                                                            "lenient_accuracy": self.lenient_accuracy}
         return {"questions": self.questions, "trajectories": self.trajectories, "correct": self.correct,
-                "accuracy": self.accuracy, **lenient, "formatted": self.formatted, **self.passk.to_dict()}
+                "accuracy": self.accuracy, **lenient, "formatted": self.formatted, **self.passk.to_dict(),
+                **({} if self.sampled is None else {"sampled": {"temperature": self.sampled_temperature,
+                                                                **self.sampled.record()}})}
 
 
 def resolve_model_or_checkpoint(model: str) -> str:
@@ -47,12 +53,28 @@ def resolve_model_or_checkpoint(model: str) -> str:
 
 
 def evaluate_model(cfg: Config, model: str) -> EvalReport:
-    from innerloop.actors.rollout import generate_in_process
+    """The eval's completions, then eval.sampled's, from one in-process worker (one engine start)."""
+    from dataclasses import replace
+
+    from innerloop.actors.rollout import RolloutWorker, worker_args
 
     model_path = resolve_model_or_checkpoint(model)
     _, held_out = load_questions(cfg.tasks)
-    return report_from_trajectories(generate_in_process(cfg, model_path, held_out, cfg.eval.samples, cfg.eval),
-                                    cfg.eval.pass_k, {q.question_id: q.answer for q in held_out})
+    answers = {q.question_id: q.answer for q in held_out}
+    sampled_cfg = cfg.eval.sampled
+    worker = RolloutWorker(*worker_args(cfg, model_path, cfg.train.seed))
+    try:
+        report = report_from_trajectories(worker.generate(held_out, cfg.eval.samples, sampling=cfg.eval).trajectories,
+                                          cfg.eval.pass_k, answers)
+        if not sampled_cfg.samples:
+            return report
+        chosen = held_out[: sampled_cfg.questions] if sampled_cfg.questions else held_out
+        # seed 0, as a training run's sampled eval: the same draws for every model compared
+        sampled = worker.generate(chosen, sampled_cfg.samples, sampling=sampled_cfg.sampling(cfg.eval), seed=0)
+    finally:
+        worker.close()
+    return replace(report, sampled=score_sampled(sampled.trajectories, answers, sampled_cfg.pass_k),
+                   sampled_temperature=sampled_cfg.temperature)
 
 
 def report_from_trajectories(trajectories: Sequence[Trajectory], ks: Sequence[int],
@@ -89,4 +111,6 @@ def format_report(report: EvalReport, model: str) -> str:
         if scores.k > 1:
             line += f"  mG-Pass@{scores.k} {100 * scores.mg_pass_at_k:.1f}%"
         lines.append(line)
+    if report.sampled is not None:
+        lines.append(format_sampled(report.sampled, report.sampled_temperature or 0.0))
     return "\n".join(lines)

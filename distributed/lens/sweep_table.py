@@ -1,14 +1,17 @@
 """The table of `innerloop sweep`: what each run directory holds, summarized per cell, compared in pairs.
 
 Per run: held-out accuracy is the final eval (the `eval_after` record of metrics.jsonl), strict
-(`eval_accuracy`) and lenient (`eval_lenient_accuracy`); each metric named in the sweep file is the
+(`eval_accuracy`) and lenient (`eval_lenient_accuracy`), with the sampled eval's Pass@k beside them
+where the run drew one (`eval_pass@K`, `eval_lenient_pass@K`: lens/sampled_eval.py); each metric named in the sweep file is the
 mean of that key over the run's last `last_steps` step records (one step's value is noisy; the last
 few say where training ended). Per cell: mean +- 95% t-interval over its finished seeds.
 
 Pairs of cells are compared on the same held-out questions (RUN_DIR/eval_questions.jsonl, lens/accuracy.py),
 seeds paired by number and pooled: McNemar's exact test on the discordant (seed, question) pairs, and a
 paired bootstrap that resamples questions (each question carrying its mean A - B over the paired seeds,
-so repeats of one question across seeds are not taken for independent evidence).
+so repeats of one question across seeds are not taken for independent evidence). Pass@K (the largest
+K the runs report) is compared the same way: the paired bootstrap over questions of each question's
+Pass@K difference (from its n samples), averaged over the paired seeds.
 
 Writes OUT/sweep.json, OUT/sweep.md and OUT/sweep.png.
 """
@@ -18,6 +21,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,9 +29,11 @@ from typing import Any, Sequence
 
 from innerloop.distributed.lens import sweep_stats
 from innerloop.distributed.lens.accuracy import read_eval_questions
+from innerloop.distributed.lens.sampled_eval import per_question_pass_at_k, read_sampled_questions
 from innerloop.distributed.state.tracking import read_jsonl
 
 BOOTSTRAP_RESAMPLES = 10_000
+_PASS_KEY = re.compile(r"eval_(lenient_)?pass@(\d+)")
 
 
 @dataclass(frozen=True)
@@ -60,13 +66,14 @@ def run_result(run_dir: Path, metrics: Sequence[str], last_steps: int) -> dict[s
     return {"steps": len(steps), "strict": _number(final.get("eval_accuracy")),
             "lenient": _number(final.get("eval_lenient_accuracy")), "formatted": _number(final.get("eval_formatted")),
             "eval_questions": final.get("eval_questions"), "train_seconds": _number(done.get("seconds")),
+            "pass": {key: _number(value) for key, value in final.items() if _PASS_KEY.fullmatch(key)},
             "metrics": means}
 
 
 def summarize(source: str, cells: dict[str, list[str]], rows: Sequence[RunRow], metrics: Sequence[str],
               last_steps: int) -> dict[str, Any]:
     """The whole table as one JSON-able mapping: cells (runs, means and intervals), then comparisons."""
-    out_cells, questions = [], {}
+    out_cells, questions, sampled = [], {}, {}
     for name, overrides in cells.items():
         runs = []
         for row in (r for r in rows if r.cell == name):
@@ -75,18 +82,45 @@ def summarize(source: str, cells: dict[str, list[str]], rows: Sequence[RunRow], 
             if row.state == "done":
                 run.update(run_result(row.run_dir, metrics, last_steps))
                 questions[(name, row.seed)] = read_eval_questions(row.run_dir)
+                sampled[(name, row.seed)] = read_sampled_questions(row.run_dir)
             runs.append(run)
         done = [r for r in runs if r["state"] == "done"]
+        pass_keys = sorted({k for r in done for k in r["pass"]}, key=_pass_order)
         out_cells.append({"name": name, "overrides": overrides, "runs": runs,
                           "seeds_done": len(done), "seeds": len(runs),
                           "strict": _interval(r["strict"] for r in done),
                           "lenient": _interval(r["lenient"] for r in done),
+                          "pass": {k: _interval(r["pass"].get(k) for r in done) for k in pass_keys},
                           "metrics": {m: _interval(r["metrics"][m] for r in done) for m in metrics}})
     comparisons = [c for a, b in itertools.combinations(cells, 2) if (c := compare(a, b, questions))]
+    top_k = max((int(_PASS_KEY.fullmatch(k).group(2)) for c in out_cells for k in c["pass"]), default=None)
+    for c in comparisons:
+        if top_k is not None and (found := compare_pass(c["a"], c["b"], sampled, top_k)):
+            c[f"pass@{top_k}"] = found
     finished = [r for c in out_cells for r in c["runs"] if r["state"] == "done"]
     unlogged = [m for m in metrics if finished and all(r["metrics"][m] is None for r in finished)]
     return {"sweep": source, "written": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "last_steps": last_steps,
             "metrics": list(metrics), "unlogged_metrics": unlogged, "cells": out_cells, "comparisons": comparisons}
+
+
+def _pass_order(key: str) -> tuple[int, bool]:
+    match = _PASS_KEY.fullmatch(key)
+    return int(match.group(2)), bool(match.group(1))
+
+
+def compare_pass(a: str, b: str, sampled: dict, k: int) -> dict[str, Any] | None:
+    """Cells a and b on Pass@k of the questions both sampled, over the seeds both finished: a paired
+    bootstrap over questions, each carrying its Pass@k difference averaged over the seeds."""
+    seeds = sorted(s for (cell, s), q in sampled.items() if cell == a and q and sampled.get((b, s)))
+    if not seeds:
+        return None
+    scores = {(cell, s): per_question_pass_at_k(sampled[(cell, s)], k) for cell in (a, b) for s in seeds}
+    shared = sorted(set.intersection(*(set(scores[(a, s)]) & set(scores[(b, s)]) for s in seeds)))
+    if not shared:
+        return None
+    per_question = [sum(scores[(a, s)][q] - scores[(b, s)][q] for s in seeds) / len(seeds) for q in shared]
+    boot = sweep_stats.paired_bootstrap(per_question, BOOTSTRAP_RESAMPLES, seed=0)
+    return {"seeds": seeds, "questions": len(shared), "bootstrap": boot.to_dict()}
 
 
 def _interval(values) -> dict | None:
@@ -145,18 +179,28 @@ def _cell_text(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
 
+def _pass_columns(summary: dict[str, Any]) -> list[str]:
+    """The Pass@K keys of the table: the largest K any cell reports, strict then lenient."""
+    keys = {k for cell in summary["cells"] for k in cell.get("pass", {})}
+    top = max((_pass_order(k)[0] for k in keys), default=None)
+    return [k for k in (f"eval_pass@{top}", f"eval_lenient_pass@{top}") if k in keys]
+
+
 def markdown(summary: dict[str, Any]) -> str:
-    metrics = summary["metrics"]
+    metrics, passes = summary["metrics"], _pass_columns(summary)
+    titles = {k: ("lenient " if "lenient" in k else "") + "Pass@" + k.rpartition("@")[2] for k in passes}
     lines = [f"# Sweep: {summary['sweep']}", "",
              "Held-out accuracy after training (each run's final eval), mean ± 95% CI half-width "
              "(t-interval over seeds, in points); strict: the verifier; lenient: the last number, boxed or not. "
-             f"Metrics: the mean over each run's last {summary['last_steps']} steps, then over seeds.", "",
+             + ("Pass@K: the final eval's sampled completions (eval.sampled), on its questions. " if passes else "")
+             + f"Metrics: the mean over each run's last {summary['last_steps']} steps, then over seeds.", "",
              "| cell | overrides | seeds done | strict accuracy | lenient accuracy |"
-             + "".join(f" {m} |" for m in metrics),
-             "| --- | --- | --- | --- | --- |" + " --- |" * len(metrics)]
+             + "".join(f" {titles[k]} |" for k in passes) + "".join(f" {m} |" for m in metrics),
+             "| --- | --- | --- | --- | --- |" + " --- |" * (len(passes) + len(metrics))]
     for cell in summary["cells"]:
         lines.append(f"| {cell['name']} | {_cell_text(', '.join(cell['overrides']) or '-')} | "
                      f"{cell['seeds_done']}/{cell['seeds']} | {_pct(cell['strict'])} | {_pct(cell['lenient'])} |"
+                     + "".join(f" {_pct(cell.get('pass', {}).get(k))} |" for k in passes)
                      + "".join(f" {_num(cell['metrics'][m])} |" for m in metrics))
     if summary["unlogged_metrics"]:
         lines += ["", f"No finished run logged {', '.join(summary['unlogged_metrics'])} (a typo in the sweep "
@@ -178,6 +222,17 @@ def markdown(summary: dict[str, Any]) -> str:
                           _p(k["mcnemar_p"]), _p(boot["p_value"])]
             lines.append(f"| {c['a']} | {c['b']} | {','.join(map(str, c['seeds']))} | {c['questions']} | "
                          + " | ".join(parts) + " |")
+        pass_rows = [(c, key, c[key]) for c in summary["comparisons"] for key in c if key.startswith("pass@")]
+        if pass_rows:
+            lines += ["", "Pass@K, A - B: the paired bootstrap over the questions both sampled (each question's "
+                      "Pass@K from its n samples, averaged over the paired seeds).", "",
+                      "| A | B | seeds | questions | Pass@K | A - B [95% CI] | bootstrap p |",
+                      "| --- | --- | --- | --- | --- | --- | --- |"]
+            for c, key, found in pass_rows:
+                boot = found["bootstrap"]
+                lines.append(f"| {c['a']} | {c['b']} | {','.join(map(str, found['seeds']))} | {found['questions']} | "
+                             f"{key} | {100 * boot['difference']:+.1f} [{100 * boot['ci95_low']:+.1f}, "
+                             f"{100 * boot['ci95_high']:+.1f}] | {_p(boot['p_value'])} |")
     lines += ["", "## Runs", "", "| cell | seed | state | strict | lenient | steps | minutes | run directory |",
               "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     failures = []

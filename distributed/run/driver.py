@@ -19,7 +19,7 @@ from pathlib import Path
 from innerloop.distributed.cluster import fleet, teacher
 from innerloop.distributed.config import Config, ConfigError
 from innerloop.distributed.errors import RunStopped
-from innerloop.distributed.lens import accuracy, history
+from innerloop.distributed.lens import accuracy, history, sampled_eval
 from innerloop.distributed.records import UpdateMetrics
 from innerloop.distributed.run import sft_stage
 from innerloop.distributed.run.prefetch import Prefetch, staleness_bound
@@ -317,13 +317,30 @@ class Trainer:
         record = {"event": f"eval_{label}", "eval_accuracy": outcome.strict_accuracy,
                   "eval_lenient_accuracy": outcome.lenient_accuracy, "eval_formatted": outcome.formatted_share,
                   "eval_questions": len(questions)}
+        sampled = self._sampled_eval(actors, questions, label)
+        if sampled is not None:  # Pass@k beside strict and lenient (eval.sampled)
+            record.update(sampled.record())
         self.run.log(record, step)
         accuracy.append_eval_questions(self.run.path, step, record["event"], outcome)  # for paired tests
+        if sampled is not None:
+            sampled_eval.append_sampled_questions(self.run.path, step, record["event"], sampled)
         self._note_metric(record)
         log.info("held-out accuracy %s training: %.1f%% strict, %.1f%% lenient (%d questions, %.1f%% formatted)",
                  label, 100 * outcome.strict_accuracy, 100 * outcome.lenient_accuracy, len(questions),
                  100 * outcome.formatted_share)
         return outcome
+
+    def _sampled_eval(self, actors: "fleet.Fleet", questions, label: str) -> "sampled_eval.SampledOutcome | None":
+        """n samples per question at T > 0 on the first eval.sampled.questions, where in_training asks."""
+        cfg = self.cfg.eval.sampled
+        wanted = {"after": ("after",), "before_and_after": ("before", "after")}.get(cfg.in_training, ())
+        if not cfg.samples or label not in wanted:
+            return None
+        chosen = questions[: cfg.questions] if cfg.questions else questions
+        # A fixed seed: every cell and seed of a sweep samples its evals the same way (paired draws).
+        trajectories = actors.rollouts.generate(chosen, cfg.samples, sampling=cfg.sampling(self.cfg.eval), seed=0,
+                                                phase="eval_sampled")  # its own deadline: n times an eval's work
+        return sampled_eval.score_sampled(trajectories, {q.question_id: q.answer for q in chosen}, cfg.pass_k)
 
     def _checkpoint(self, actors: "fleet.Fleet", step: int, question_position: int) -> None:
         state = checkpoints.DriverState(
