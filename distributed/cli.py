@@ -68,9 +68,12 @@ def _parser() -> argparse.ArgumentParser:
     listing.add_argument("--verify", action="store_true", help="check every file against the manifest's checksums")
     listing.set_defaults(handler=_checkpoints)
 
-    scale = commands.add_parser("scale", help="resize a running run's rollout pool (applied before its next step)")
+    scale = commands.add_parser("scale", help="resize a running run's rollout pool and/or learner ranks "
+                                "(applied before its next step)")
     scale.add_argument("run_dir", help="the run directory of the running job")
-    scale.add_argument("--rollout-workers", type=int, required=True, metavar="N", help="rollout workers wanted")
+    scale.add_argument("--rollout-workers", type=int, metavar="N", help="rollout workers wanted")
+    scale.add_argument("--learner-ranks", type=int, metavar="N",
+                       help="learner ranks wanted (the run checkpoints, restarts its ranks and reloads)")
     scale.set_defaults(handler=_scale)
 
     questions = commands.add_parser("questions", help="per-question history of a run: solved, forgotten, "
@@ -335,15 +338,9 @@ def _checkpoints(args) -> int:
 
 
 def _scale(args) -> int:
-    from innerloop.distributed.state.tracking import RunDir
+    from innerloop.distributed.run.scale_command import request_scale
 
-    if args.rollout_workers < 1:
-        raise ConfigError("--rollout-workers must be at least 1")
-    if not (Path(args.run_dir) / "config.yaml").is_file():
-        raise ConfigError(f"{args.run_dir} is not a run directory (it has no config.yaml)")
-    RunDir(args.run_dir).request_scale(args.rollout_workers)
-    print(f"asked {args.run_dir} for {args.rollout_workers} rollout workers; the run applies it before its "
-          "next step (see rollout_workers_scaled in its metrics.jsonl)")
+    print(request_scale(args.run_dir, args.rollout_workers, args.learner_ranks))
     return 0
 
 

@@ -99,7 +99,10 @@ class LearnerConfig(Section):
     threads: int = Field(0, ge=0)  # torch threads per rank; 0 = the machine's cores / ranks
     gpus_per_rank: float = Field(0.0, ge=0.0)
     lora: LoraConfig | None = None  # a LoRA adapter instead of full weights (null: full fine-tuning)
-
+    # A planned number of ranks by step, e.g. {10: 2, 30: 1}: before step 10 the run checkpoints,
+    # restarts its learners as 2 ranks and loads the checkpoint resharded (docs/resilience.md), before
+    # step 30 goes back to 1. Applied like `innerloop scale RUN_DIR --learner-ranks N`.
+    rank_schedule: dict[int, int] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _betas_in_range(self) -> "LearnerConfig":
@@ -108,6 +111,9 @@ class LearnerConfig(Section):
         if self.bucket_elements is not None and self.bucket_elements % 2:
             raise ValueError(f"learner.bucket_elements = {self.bucket_elements}: DeepSpeed needs an even count; "
                              f"use {self.bucket_elements + 1}, or null to size it from the model")
+        bad = {step: count for step, count in self.rank_schedule.items() if step < 0 or count < 1}
+        if bad:
+            raise ValueError(f"learner.rank_schedule {bad}: steps must be >= 0 and rank counts >= 1")
         return self
 
 
@@ -232,6 +238,12 @@ class RecoveryConfig(Section):
     max_worker_restarts: int = Field(3, ge=0)
     # A dead learner rank restarts every rank from the last checkpoint, up to this many times.
     max_learner_restarts: int = Field(2, ge=0)
+    # After every step each learner rank hands the driver a copy of its model, optimizer, LR-schedule
+    # and RNG state, kept in Ray's object store (host memory, about 16 bytes per trained parameter
+    # in float32 with AdamW); a dead rank then costs no step: the restarted ranks load that copy. It
+    # falls back to the last checkpoint when the copy is gone (its node died). docs/resilience.md
+    # has the memory and the seconds per step it costs.
+    learner_snapshot: bool = False
     # A step whose loss or gradients are NaN/inf is skipped (no weight change) and its data saved
     # under run_dir/bad_steps/; after this many such steps the run stops.
     max_nonfinite_steps: int = Field(3, ge=1)
@@ -289,6 +301,20 @@ class Config(Section):
             unit = "learner.ranks" if budget else "learner.ranks x learner.micro_batch_size"
             raise ValueError(f"{what} = {samples} samples {per} must divide evenly into {unit} = {per_pass}; "
                              f"change {fix}")
+
+    @model_validator(mode="after")
+    def _rank_schedule_fits(self) -> "Config":
+        """Every rank count learner.rank_schedule names must split the step's batch as learner.ranks must."""
+        if self.learner.rank_schedule and self.rollout.colocate:
+            raise ValueError("learner.rank_schedule with rollout.colocate: a colocated engine shares its GPU with one "
+                             "learner rank, so the ranks cannot change alone; drop the schedule or set "
+                             "rollout.colocate=false")
+        for step, ranks in sorted(self.learner.rank_schedule.items()):
+            try:
+                self.model_copy(update={"learner": self.learner.model_copy(update={"ranks": ranks})})._batch_divides()
+            except ValueError as exc:
+                raise ValueError(f"learner.rank_schedule {{{step}: {ranks}}}: with {ranks} ranks, {exc}") from None
+        return self
 
     @model_validator(mode="after")
     def _update_subset_fits_group(self) -> "Config":

@@ -25,12 +25,13 @@ from innerloop.distributed.config import AlgorithmConfig, LearnerConfig
 from innerloop.distributed.records import NllSums, PolicySums, TrainingSample, UpdateMetrics
 from innerloop.distributed.stacks import StackLocation, install_stack_dump
 from innerloop.distributed.transfer import Group, GroupAddress, WireMeta, send_buckets
-from innerloop.learners import grpo, lora, update_steps
+from innerloop.learners import grpo, lora, snapshot_files, update_steps
 from innerloop.learners.safe_load import refuse_unsafe_files, weights_only_loads
 from innerloop.learners.weight_ipc import ColocatedWeights
 from innerloop.learners.logprobs import token_logprobs
 
 log = logging.getLogger(__name__)
+SNAPSHOT_TAG = "snapshot"
 
 
 class Learner(ColocatedWeights):
@@ -354,6 +355,23 @@ class Learner(ColocatedWeights):
         # optimizer state are what the checkpoint carries.
         self.engine.save_checkpoint(folder, tag=tag, client_state=client_state,
                                     exclude_frozen_parameters=self._cfg.lora is not None)
+
+    def snapshot(self) -> tuple[int, dict[str, bytes]]:
+        """This rank's whole state (model, optimizer, LR schedule, RNG) as the files of a DeepSpeed
+        checkpoint, in bytes (learners/snapshot_files.py). Every rank calls it together. Two returns:
+        its size in bytes, which the driver reads, and the files, which it only keeps."""
+        with snapshot_files.scratch_folder() as folder:
+            self.save_checkpoint(str(folder), SNAPSHOT_TAG)
+            files = snapshot_files.read_files(folder)
+        return sum(len(data) for data in files.values()), files
+
+    def restore_snapshot(self, *ranks_files: dict[str, bytes]) -> None:
+        """Load a snapshot the same number of ranks took: rank 0's files (the model state), then this
+        rank's own (its optimizer partition); every rank calls it together."""
+        with snapshot_files.scratch_folder() as folder:
+            for files in ranks_files:
+                snapshot_files.write_files(files, folder)
+            self.load_checkpoint(str(folder), SNAPSHOT_TAG)
 
     def load_checkpoint(self, folder: str, tag: str, saved_world_size: int | None = None) -> None:
         """Restore model, optimizer, LR schedule and RNG. A checkpoint written by a different number

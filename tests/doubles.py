@@ -34,6 +34,7 @@ class FakeFleet:
         self.seeds: list[int | None] = []
         self.score_seconds = 0.0
         self.workers = ["worker-0"]
+        self.learner_ranks = cfg.learner.ranks
         self.rollouts = self
         self.on_update = None  # called after each update: a test's hook into the middle of a run
 

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import ray
 
-from innerloop.distributed.cluster.placement import Placement, check_fits, remote_class, start_ray, widest_node_gpus
+from innerloop.distributed.cluster.placement import (Placement, check_fits, ranks_fit, remote_class, start_ray,
+                                                     widest_node_gpus)
 from innerloop.distributed.cluster.rollout_pool import RolloutPool, await_ready, first_line, kill, named
 from innerloop.distributed.cluster.watchdog import Locations, Watchdog
 from innerloop.distributed.cluster.weight_sync import ColocatedSync, StreamedSync
@@ -30,10 +31,15 @@ class LearnerLost(RuntimeError):
     """A learner rank's process died: the ranks' shared state is gone, so all must restart."""
 
 
+class SnapshotLost(RuntimeError):
+    """The learners' in-memory snapshot is gone (the node holding it died): the checkpoint is next."""
+
+
 class Fleet:
     def __init__(self, cfg: Config, model_path: str, placement: Placement):
         self.cfg, self._model_path, self._placement = cfg, model_path, placement
         self.learners: list = []
+        self.learner_ranks = cfg.learner.ranks  # as many as now run: `resize_learners` changes it in-job
         self.rollouts: RolloutPool | None = None
         self._locations: Locations = {}  # actor name -> where its stacks are, for stack dumps
         self.watchdog = Watchdog(cfg.watchdog, dump_dir=None, locations=lambda: dict(self._locations))
@@ -68,8 +74,8 @@ class Fleet:
         return [
             remote_class(Learner, self._placement.learner_options(rank)).remote(
                 self._model_path, cfg.model.dtype, cfg.learner, cfg.algorithm, cfg.rollout.temperature,
-                rank, cfg.learner.ranks, master, port, cfg.train.seed)
-            for rank in range(cfg.learner.ranks)
+                rank, self.learner_ranks, master, port, cfg.train.seed)
+            for rank in range(self.learner_ranks)
         ]
 
     # ---- the step's calls -----------------------------------------------------------------------
@@ -151,6 +157,34 @@ class Fleet:
         self._learner_call([l.load_checkpoint.remote(str(folder), tag, saved_ranks) for l in self.learners],
                            "checkpoint", "loading the checkpoint")
 
+    # ---- in-job changes of the learners (distributed/run/elastic.py) -----------------------------
+
+    def learner_fit_problems(self, ranks: int) -> list[str]:
+        """Why `ranks` learner ranks would not fit this cluster beside the rollout workers (empty: they do)."""
+        return ranks_fit(self.cfg, ranks, len(self.rollouts.workers), ray.cluster_resources())
+
+    def resize_learners(self, ranks: int) -> None:
+        """Every rank stopped, `ranks` started anew from the model folder (the caller loads a checkpoint)."""
+        self.learner_ranks = ranks
+        self.restart_learners()
+
+    def snapshot_learners(self) -> tuple[list, int]:
+        """Every rank's whole state now (learners/learner.py `snapshot`), kept in Ray's object store and
+        owned by this process, so it outlives the ranks; never fetched here. (refs, bytes in all)."""
+        calls = [l.snapshot.options(num_returns=2).remote() for l in self.learners]
+        sizes = self._learner_call([size for size, _ in calls], "checkpoint", "the learners' in-memory snapshot")
+        return [payload for _, payload in calls], sum(sizes)
+
+    def restore_learners(self, payloads: list) -> None:
+        """Load a snapshot of as many ranks as now run: each rank gets rank 0's files and its own.
+        Raises ray.exceptions.ObjectLostError (or its kin) where the snapshot is gone with its node."""
+        refs = [l.restore_snapshot.remote(payloads[0], *([payloads[rank]] if rank else []))
+                for rank, l in enumerate(self.learners)]
+        try:
+            self._learner_call(refs, "checkpoint", "loading the in-memory snapshot")
+        except ray.exceptions.ObjectLostError as exc:  # also its kin: owner died, reconstruction failed
+            raise SnapshotLost(first_line(exc)) from None
+
     # ---- failures -------------------------------------------------------------------------------
 
     def _learner_call(self, refs: list, phase: str, what: str) -> list:
@@ -164,8 +198,9 @@ class Fleet:
 
     def restart_learners(self) -> None:
         """Every rank anew from the model folder (the caller then loads a checkpoint into them)."""
-        for learner in self.learners:
+        for rank, learner in enumerate(self.learners):
             kill(learner)
+            self._locations.pop(f"learner-{rank}", None)
         self.learners = self._start_learners()
         await_ready(self.watchdog, self._locations, named("learner", self.learners))
         self.rollouts.weights = None

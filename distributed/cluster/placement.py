@@ -86,6 +86,13 @@ def _shortfalls(cfg: Config, have: dict[str, float]) -> list[str]:
             "or add nodes"]
 
 
+def ranks_fit(cfg: Config, ranks: int, workers: int, have: dict[str, float]) -> list[str]:
+    """Why `ranks` learner ranks beside `workers` rollout workers would not fit the cluster (empty: they fit)."""
+    sized = cfg.model_copy(update={"learner": cfg.learner.model_copy(update={"ranks": ranks}),
+                                   "rollout": cfg.rollout.model_copy(update={"workers": workers})})
+    return _shortfalls(sized, have)
+
+
 def widest_node_gpus() -> float:
     """The most GPUs one alive node of the cluster has."""
     return max((resources.get("GPU", 0.0) for resources in alive_nodes().values()), default=0.0)
@@ -151,7 +158,10 @@ class Placement:
     def learner_options(self, rank: int) -> dict:
         if self._cfg.rollout.colocate:
             return self._options(rank, COLOCATED_SHARE)
-        return self._options(rank, self._cfg.learner.gpus_per_rank)
+        gpus = self._cfg.learner.gpus_per_rank
+        if rank >= self._cfg.learner.ranks and self._group is not None:  # added in-job: no bundle of its own
+            return {"num_cpus": 1, **({"num_gpus": gpus} if gpus else {})}
+        return self._options(rank, gpus)
 
     def rollout_options(self, index: int, node_id: str | None = None) -> dict:
         """`node_id`: start it on that node (a node that joined the cluster mid-run)."""

@@ -21,7 +21,7 @@ from innerloop.distributed.config import Config, ConfigError
 from innerloop.distributed.errors import RunStopped
 from innerloop.distributed.lens import accuracy, history, sampled_eval
 from innerloop.distributed.records import UpdateMetrics
-from innerloop.distributed.run import sft_stage
+from innerloop.distributed.run import elastic, sft_stage
 from innerloop.distributed.run.prefetch import Prefetch, staleness_bound
 from innerloop.distributed.run.progress import StepDisplay
 from innerloop.distributed.run.checks import CheckedInputs, check_run
@@ -74,6 +74,8 @@ class Trainer:
         self._inputs: CheckedInputs | None = None
         self._stop = StopOnTerm(cfg.train.stop_grace_s)
         self._watch = StepWatch(cfg)
+        self._snapshot: elastic.Snapshot | None = None  # the learners' state after the last step (learner_snapshot)
+        self._logged_step = 0  # the last step logged: what a dead rank costs is counted from it
 
     def prepare(self) -> None:
         """Every start-up check, then the run directory's lock; nothing is written to it before both
@@ -141,7 +143,12 @@ class Trainer:
             actors.sync_weights(0)
             self._nonfinite_steps = 0
             return 0, QuestionStream(train_questions, self.cfg.train.seed)
-        state = checkpoints.load(latest, actors)
+        return self._continue_from(actors, train_questions, checkpoints.load(latest, actors), str(latest))
+
+    def _continue_from(self, actors: "fleet.Fleet", train_questions, state: checkpoints.DriverState,
+                       source: str) -> tuple[int, QuestionStream]:
+        """Go on from `state` (the learners already hold its step): weights out, the driver's RNG,
+        watchdog history and counters back, the run's records rewound to its step."""
         actors.sync_weights(state.policy_version)
         if state.rng.get("python"):
             random.setstate(_as_random_state(state.rng["python"]))
@@ -149,14 +156,14 @@ class Trainer:
         self._nonfinite_steps = int(state.extra.get("nonfinite_steps", 0))
         dropped = self.run.rewind(state.step)
         if state.config_fingerprint != self.cfg.fingerprint():
-            log.warning("the config differs from the one checkpoint %s was written with", latest.name)
-        log.info("resumed from %s at step %d (%d records of later steps superseded)", latest, state.step, dropped)
+            log.warning("the config differs from the one %s was written with", source)
+        log.info("resumed from %s at step %d (%d records of later steps superseded)", source, state.step, dropped)
         return state.step, QuestionStream(train_questions, self.cfg.train.seed, state.question_position)
 
     def _loop_with_recovery(self, actors: "fleet.Fleet", train_questions, step: int, stream: QuestionStream,
                             started: float, eval_questions) -> int:
-        """The step loop; a dead learner rank restarts every rank from the last checkpoint, a bounded
-        number of times (recovery.max_learner_restarts)."""
+        """The step loop; a dead learner rank restarts every rank from the in-memory snapshot or the
+        last checkpoint, a bounded number of times (recovery.max_learner_restarts)."""
         limit, restarts = self.cfg.recovery.max_learner_restarts, 0
         while True:
             try:
@@ -168,10 +175,24 @@ class Trainer:
                         f"(recovery.max_learner_restarts={limit}); stopping. The last checkpoint is intact: "
                         "look at the learner logs above, then continue with --resume.") from None
                 restarts += 1
-                log.warning("%s; restarting the learners from the last checkpoint (%d of %d)", exc, restarts, limit)
-                actors.restart_learners()
-                step, stream = self._restore(actors, train_questions, from_checkpoint=True)
-                self.run.log({"event": "learners_restarted", "reason": str(exc), "restarts": restarts}, step)
+                log.warning("%s; restarting the learners (%d of %d)", exc, restarts, limit)
+                step, stream, event = self._recover_learners(actors, train_questions)
+                self.run.log({"event": "learners_restarted", "reason": str(exc), "restarts": restarts, **event}, step)
+
+    def _recover_learners(self, actors: "fleet.Fleet", train_questions) -> tuple[int, QuestionStream, dict]:
+        """Fresh ranks from the snapshot of the last step, else from the last checkpoint."""
+        started, lost_at = time.perf_counter(), self._logged_step
+        actors.restart_learners()
+        unusable = elastic.restore_snapshot(actors, self._snapshot)
+        if unusable is None:
+            step, stream = self._continue_from(actors, train_questions, self._snapshot.state,
+                                               f"the in-memory snapshot of step {self._snapshot.state.step}")
+        else:
+            if self.cfg.recovery.learner_snapshot:
+                log.warning("%s: restoring the last checkpoint instead", unusable)
+            step, stream = self._restore(actors, train_questions, from_checkpoint=True)
+        return step, stream, {"restored_from": "snapshot" if unusable is None else "checkpoint",
+                              "steps_lost": lost_at - step, "seconds": round(time.perf_counter() - started, 2)}
 
     def _loop(self, actors: "fleet.Fleet", stream: QuestionStream, start_step: int, started: float,
               eval_questions) -> int:
@@ -189,7 +210,13 @@ class Trainer:
                     question_ids = [q.question_id for q in questions]
                 step += 1
                 record = result.record()                                       # log
+                if cfg.recovery.learner_snapshot:  # the learners' state now, in host memory
+                    self._snapshot = None  # first: two copies at once would double what it costs
+                    state = self._driver_state(actors, step, ahead.trained_position())
+                    self._snapshot = elastic.take_snapshot(actors, state)
+                    record["time_snapshot"] = round(self._snapshot.seconds, 3)
                 self.run.log(record, step)
+                self._logged_step = step
                 self.run.record_questions(step, question_ids)
                 self.run.record_trajectories(step, step - 1, trajectories)
                 self._log_events(actors, step)
@@ -288,11 +315,16 @@ class Trainer:
         """Before a step: apply rollout.worker_schedule, then `innerloop scale RUN_DIR --rollout-workers N`,
         and grow onto nodes that joined the cluster (rollout.max_workers). Generations already
         submitted finish first."""
-        count = self.run.take_scale_request() or scheduled_pool(self.cfg.rollout.worker_schedule, step,
-                                                                 first=step == ahead.first_step)
+        request, first = self.run.take_scale_request(), step == ahead.first_step
+        count = request.rollout_workers or scheduled_pool(self.cfg.rollout.worker_schedule, step, first=first)
         if count is not None and count != len(actors.rollouts.workers):
             ahead.finish_submitted()
             actors.rollouts.resize(count)
+        ranks = request.learner_ranks or scheduled_pool(self.cfg.learner.rank_schedule, step, first=first)
+        if ranks is not None and ranks != actors.learner_ranks:  # checkpoint, restart as `ranks`, reload
+            ahead.finish_submitted()
+            self.run.log(elastic.resize(self.cfg, actors, self.run.checkpoints, step, ranks,
+                                        lambda: self._checkpoint(actors, step, ahead.trained_position())), step)
         if self.cfg.rollout.max_workers:
             actors.rollouts.grow_onto_new_nodes(self.cfg.rollout.max_workers)
         self._log_events(actors, step)
@@ -342,13 +374,16 @@ class Trainer:
                                                 phase="eval_sampled")  # its own deadline: n times an eval's work
         return sampled_eval.score_sampled(trajectories, {q.question_id: q.answer for q in chosen}, cfg.pass_k)
 
-    def _checkpoint(self, actors: "fleet.Fleet", step: int, question_position: int) -> None:
-        state = checkpoints.DriverState(
+    def _driver_state(self, actors: "fleet.Fleet", step: int, question_position: int) -> checkpoints.DriverState:
+        return checkpoints.DriverState(
             step=step, policy_version=step, question_position=question_position,
             config_fingerprint=self.cfg.fingerprint(), rng={"python": random.getstate()},
             metric=self._last_metric,
             extra={"watchdog": actors.watchdog.state(), "nonfinite_steps": self._nonfinite_steps,
-                   "learner_ranks": self.cfg.learner.ranks})
+                   "learner_ranks": actors.learner_ranks})
+
+    def _checkpoint(self, actors: "fleet.Fleet", step: int, question_position: int) -> None:
+        state = self._driver_state(actors, step, question_position)
         train, started = self.cfg.train, time.perf_counter()
         path = checkpoints.save(self.run.checkpoints, state, actors, keep=train.keep_checkpoints,
                                 keep_best=train.keep_best, best_mode=train.best_mode,

@@ -91,6 +91,14 @@ class RunLock:
             self.path.unlink(missing_ok=True)
         self._held = False
 
+    def holder(self) -> dict | None:
+        """Who trains in this run directory now: the lock's owner, unless that lock is stale (one
+        held on another host counts: it cannot be checked from here). None: no process does."""
+        if not self.path.exists():
+            return None
+        owner = self._read()
+        return None if _is_stale(owner) else owner
+
     def _read(self) -> dict:
         try:
             owner = json.loads(self.path.read_text())

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,13 @@ import yaml
 from innerloop.distributed.config import Config
 from innerloop.distributed.state.lock import RunLock
 from innerloop.distributed.state.trackers import Trackers
+
+
+@dataclass(frozen=True)
+class ScaleRequest:
+    """What `innerloop scale` asked of a running job; None: no change asked."""
+    rollout_workers: int | None = None
+    learner_ranks: int | None = None
 
 
 class RunDir:
@@ -89,21 +97,33 @@ class RunDir:
     def read_trajectories(self) -> list[dict[str, Any]]:
         return read_jsonl(self.trajectories_file)
 
-    def request_scale(self, rollout_workers: int) -> None:
-        """Ask the running driver for this many rollout workers (written whole, then renamed)."""
+    def request_scale(self, rollout_workers: int | None = None, learner_ranks: int | None = None) -> None:
+        """Ask the running driver for this many rollout workers and/or learner ranks (written whole,
+        then renamed; a request not yet taken is merged with this one, the newer count winning)."""
+        pending = self._read_scale_request()
+        wanted = {"rollout_workers": rollout_workers, "learner_ranks": learner_ranks}
+        request = {**pending, **{k: v for k, v in wanted.items() if v is not None}, "time": time.time()}
         partial = self.scale_request.with_suffix(".partial")
-        partial.write_text(json.dumps({"rollout_workers": rollout_workers, "time": time.time()}))
+        partial.write_text(json.dumps(request))
         partial.replace(self.scale_request)
 
-    def take_scale_request(self) -> int | None:
-        """The rollout-worker count last requested, once; None when nothing is pending."""
+    def take_scale_request(self) -> ScaleRequest:
+        """The counts last requested, once (each None when nothing is pending for it)."""
+        request = self._read_scale_request()
+        self.scale_request.unlink(missing_ok=True)
+
+        def count(key: str) -> int | None:
+            value = request.get(key)
+            return value if isinstance(value, int) and value >= 1 else None
+
+        return ScaleRequest(count("rollout_workers"), count("learner_ranks"))
+
+    def _read_scale_request(self) -> dict[str, Any]:
         try:
             request = json.loads(self.scale_request.read_text())
         except (OSError, ValueError):
-            return None
-        self.scale_request.unlink(missing_ok=True)
-        count = request.get("rollout_workers")
-        return count if isinstance(count, int) and count >= 1 else None
+            return {}
+        return request if isinstance(request, dict) else {}
 
     def read_ledger(self) -> list[dict[str, Any]]:
         return read_jsonl(self.ledger_file)
