@@ -397,8 +397,11 @@ def _add_probe(commands) -> None:
                        help="appended after each prefix; {answer} marks the scored reference answer "
                             "(probe.suffix, the paper's; pass newlines as real ones, e.g. bash $'...')")
     probe.add_argument("--every", type=int, metavar="K", help="probe after every K-th token (probe.every)")
+    probe.add_argument("--other-question", type=int, metavar="M", dest="other_question",
+                       help="the control: M trajectories of another question per question, read after this "
+                            "question's prompt (probe.other_question)")
     probe.add_argument("--words", default=",".join(DEFAULT_WORDS), metavar="W1,W2",
-                       help="words whose first tokens the attribution singles out (default: %(default)s)")
+                       help="words (one or several tokens each) the attribution singles out (default: %(default)s)")
     probe.add_argument("--label", help="names this probe in the files (default: the model folder's name)")
     probe.add_argument("--dtype", choices=["float32", "auto"], default="float32",
                        help="the transformers model's dtype; auto: the model config's (default float32)")
@@ -411,17 +414,20 @@ def _probe(args) -> int:
 
     from innerloop.distributed.lens.probe_command import ProbeOptions, format_cost, run_probe
     from innerloop.distributed.lens.probe import format_groups
+    from innerloop.distributed.lens.probe_stats import comparisons, format_comparisons
 
     cfg = load_config(args.config, args.overrides)
     label = args.label or re.sub(r"[^A-Za-z0-9._-]+", "-", Path(args.model).name) or "model"
     words = tuple(w.strip() for w in args.words.split(","))
-    given = {"questions": args.questions, "samples": args.samples, "suffix": args.suffix, "every": args.every}
+    given = {"questions": args.questions, "samples": args.samples, "suffix": args.suffix, "every": args.every,
+             "other_question": args.other_question}
     chosen = {k: getattr(cfg.probe, k) if v is None else v for k, v in given.items()}
     options = ProbeOptions(Path(args.out), label, chosen["questions"], chosen["samples"], chosen["suffix"],
-                           chosen["every"], words, args.dtype)
+                           chosen["every"], words, args.dtype, chosen["other_question"])
     with _quiet(args.verbose):
         run = run_probe(cfg, args.model, options)
     print(format_groups(run.groups))
+    print(format_comparisons(comparisons(run.records)))
     print(format_cost(run.cost, run.seconds, len(run.records)))
     print(f"curves written to {Path(args.out) / 'probe.jsonl'}; plot {run.plot}")
     return 0

@@ -225,6 +225,9 @@ class ProbeConfig(Section):
     questions: int = Field(4, ge=1)  # of the step's questions (the first ones)
     samples: int = Field(2, ge=1)  # trajectories per question
     every: int = Field(4, ge=1)  # a point after every N-th trajectory token (1: every prefix)
+    # The control: per probed question, this many trajectories of another probed question read after
+    # this question's prompt and scored against its answer (docs/probe.md). 0: none.
+    other_question: int = Field(0, ge=0)
     suffix: str = DEFAULT_SUFFIX  # appended after the prefix; {answer} is the reference answer
 
     @model_validator(mode="after")

@@ -191,18 +191,20 @@ class Learner(ColocatedWeights):
         return _frozen(model.to(self.engine.device))
 
     @torch.no_grad()
-    def probe(self, trajectories: list, questions: list, suffix_template: str, every: int) -> list | None:
+    def probe(self, trajectories: list, questions: list, suffix_template: str, every: int,
+              other_question: int = 0) -> list | None:
         """Inner-loop curves (learners/probe.py) of these trajectories under this rank's current
         weights; rank 0 answers, the others return None. The next update switches back to training."""
         if self.rank != 0:
             return None
         from transformers import AutoTokenizer
 
-        from innerloop.learners.probe import items_from_trajectories, probe_trajectories
+        from innerloop.learners.probe import control_items, items_from_trajectories, probe_trajectories
 
         if self._tokenizer is None:
             self._tokenizer = AutoTokenizer.from_pretrained(self._model_path)
         items = items_from_trajectories(trajectories, questions, end_ids=[self._tokenizer.eos_token_id])
+        items += control_items(items, other_question)
         self.engine.eval()
         return probe_trajectories(self.engine.module, self._tokenizer, items, suffix_template, every)
 

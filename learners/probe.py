@@ -21,8 +21,13 @@ import torch
 
 from innerloop.distributed.config import ANSWER_SLOT, DEFAULT_SUFFIX, check_suffix_template
 from innerloop.distributed.records import Question, Trajectory
-from innerloop.learners.probe_summary import (DEFAULT_WORDS, Attribution, CurveSummary, attribute, summarize_curve,
-                                              word_starts)
+from innerloop.learners.probe_summary import (DEFAULT_WORDS, Attribution, CurveSummary, answer_position, attribute,
+                                              summarize_curve, summarize_cut, word_spans)
+
+# What a probed trajectory is, for the comparisons (distributed/lens/probe_stats.py): its own question's
+# trajectory, right or wrong, or the control: another question's trajectory read after this question's
+# prompt and scored against this question's answer (a curve that falls there is not adapting to the question).
+CORRECT, INCORRECT, OTHER_QUESTION = "correct", "incorrect", "other_question"
 
 PROBE_BATCH = 8  # prefixes per batched suffix forward (memory grows with it times the sequence length)
 
@@ -119,23 +124,36 @@ class ProbeItem:
     prompt_ids: tuple[int, ...]  # [P] chat-templated prompt
     completion_ids: tuple[int, ...]  # [L] the trajectory, without a trailing end-of-turn token
     answer: str
-    correct: bool
+    correct: bool  # the trajectory answers its own question right (a control: its own question)
+    trajectory_of: str = ""  # a control's: the question that trajectory was sampled for ("": question_id)
+
+    @property
+    def group(self) -> str:
+        if self.trajectory_of and self.trajectory_of != self.question_id:
+            return OTHER_QUESTION
+        return CORRECT if self.correct else INCORRECT
 
 
 @dataclass(frozen=True)
 class ProbeRecord:
-    question_id: str
+    question_id: str  # whose prompt and answer were read and scored
     correct: bool
     completion_tokens: int  # L
     positions: tuple[int, ...]  # [K] prefix lengths probed
     curve: tuple[float, ...]  # [K] mean answer NLL (nats) after each prefix
     summary: CurveSummary
     attribution: Attribution
+    group: str = CORRECT  # correct | incorrect | other_question (the control)
+    answer_at: int | None = None  # the token where the reference answer first appears (None: never)
+    cut_summary: CurveSummary | None = None  # over the prefixes before answer_at (None: < 2 points there)
+    trajectory_of: str = ""  # the control's: the question its trajectory was sampled for
 
     def to_dict(self, label: str) -> dict:
-        return {"label": label, "question_id": self.question_id, "correct": self.correct,
+        return {"label": label, "question_id": self.question_id, "correct": self.correct, "group": self.group,
+                "trajectory_of": self.trajectory_of or self.question_id,
                 "completion_tokens": self.completion_tokens, "positions": list(self.positions),
-                "curve": list(self.curve), "summary": self.summary.to_dict(),
+                "curve": list(self.curve), "summary": self.summary.to_dict(), "answer_at": self.answer_at,
+                "cut_summary": None if self.cut_summary is None else self.cut_summary.to_dict(),
                 "attribution": self.attribution.to_dict()}
 
 
@@ -153,6 +171,28 @@ def items_from_trajectories(trajectories: Sequence[Trajectory], questions: Seque
             completion = completion[:-1]
         items.append(ProbeItem(t.question_id, t.prompt_ids, completion, answers[t.question_id], t.correct))
     return items
+
+
+def control_items(items: Sequence[ProbeItem], per_question: int) -> list[ProbeItem]:
+    """Up to `per_question` controls per question: the next question's trajectories (in order of
+    first appearance, the last question taking the first's; right ones first, so they read like a
+    solution), each after this question's prompt and scored against this question's answer."""
+    if per_question < 0:
+        raise ValueError(f"control trajectories per question must be >= 0, got {per_question}")
+    by_question: dict[str, list[ProbeItem]] = {}
+    for item in items:
+        if item.group != OTHER_QUESTION:
+            by_question.setdefault(item.question_id, []).append(item)
+    ids = list(by_question)
+    if len(ids) < 2 or per_question == 0:
+        return []
+    controls = []
+    for index, question_id in enumerate(ids):
+        own, donor = by_question[question_id][0], ids[(index + 1) % len(ids)]
+        donated = sorted(by_question[donor], key=lambda item: not item.correct)[:per_question]
+        controls += [ProbeItem(question_id, own.prompt_ids, item.completion_ids, own.answer, False, donor)
+                     for item in donated]
+    return controls
 
 
 def suffix_tokens(tokenizer, suffix_template: str, answer: str) -> tuple[list[int], int]:
@@ -177,9 +217,11 @@ def probe_trajectories(model, tokenizer, items: Sequence[ProbeItem], suffix_temp
         suffix_ids, answer_len = suffix_tokens(tokenizer, suffix_template, item.answer)
         curve = answer_nll_curve(model, item.prompt_ids, item.completion_ids, suffix_ids, answer_len, every,
                                  batch_size)
-        token_words = word_starts([tokenizer.decode([t]) for t in item.completion_ids], words)
+        texts = [tokenizer.decode([t]) for t in item.completion_ids]
+        answer_at, length = answer_position(texts, item.answer), len(item.completion_ids)
         records.append(ProbeRecord(
-            item.question_id, item.correct, len(item.completion_ids), curve.positions, curve.values,
-            summarize_curve(curve.positions, curve.values, len(item.completion_ids)),
-            attribute(curve.positions, curve.values, token_words, words)))
+            item.question_id, item.correct, length, curve.positions, curve.values,
+            summarize_curve(curve.positions, curve.values, length),
+            attribute(curve.positions, curve.values, word_spans(texts, words), words), item.group, answer_at,
+            summarize_cut(curve.positions, curve.values, length, answer_at), item.trajectory_of))
     return records

@@ -76,9 +76,9 @@ class FakeFleet:
         return UpdateMetrics(NllSums(1.0, 1.0, float(normalizer)), grad_norm=1.0, learning_rate=1e-5,
                              update_seconds=0.0, skipped=False)
 
-    def probe(self, trajectories, questions, suffix_template, every):
+    def probe(self, trajectories, questions, suffix_template, every, other_question=0):
         """Falling curves for correct trajectories, flat ones otherwise (what the paper reports)."""
-        from innerloop.learners.probe import ProbeRecord
+        from innerloop.learners.probe import CORRECT, INCORRECT, ProbeRecord
         from innerloop.learners.probe_summary import attribute, summarize_curve
 
         self.probed.append(len(trajectories))
@@ -88,7 +88,7 @@ class FakeFleet:
             curve = tuple(3.0 - (i if t.correct else 0) for i in range(len(positions)))
             records.append(ProbeRecord(t.question_id, t.correct, len(t.completion_ids), positions, curve,
                                        summarize_curve(positions, curve, len(t.completion_ids)),
-                                       attribute(positions, curve, [None] * len(t.completion_ids))))
+                                       attribute(positions, curve, ()), CORRECT if t.correct else INCORRECT))
         return records
 
     def sync_weights(self, version, wait=True):

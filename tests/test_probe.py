@@ -11,9 +11,10 @@ import torch
 from innerloop.distributed.config import DEFAULT_SUFFIX
 from innerloop.distributed.lens.probe import check_label, summarize_groups, write_probe
 from innerloop.distributed.records import Question, Trajectory
-from innerloop.learners.probe import (ProbeItem, answer_nll_curve, items_from_trajectories, probe_positions,
-                                      probe_trajectories, suffix_tokens)
-from innerloop.learners.probe_summary import attribute, summarize_curve, word_starts
+from innerloop.learners.probe import (ProbeItem, answer_nll_curve, control_items, items_from_trajectories,
+                                      probe_positions, probe_trajectories, suffix_tokens)
+from innerloop.learners.probe_summary import (answer_position, attribute, summarize_curve, summarize_cut,
+                                              word_spans)
 from tests.tiny_model import build_tiny_model
 
 
@@ -111,26 +112,41 @@ def test_summaries_of_hand_made_curves():
     assert summarize_curve([0], [2.5], 0) == summarize_curve([0], [2.5], 0).__class__(2.5, 2.5, 0.0, 2.5)
 
 
-def test_word_starts_match_whole_words_after_whitespace():
+def test_word_spans_are_whole_words_over_one_or_several_tokens():
     tokens = ["So", " Wait", ",", " But", "ter", " is", " Hold", " on", " rebut", " Alternatively"]
-    assert word_starts(tokens) == (None, "Wait", None, None, None, None, "Hold on", None, None, "Alternatively")
-    assert word_starts(["W", "ait", " now"]) == ("Wait", None, None)  # a word split over tokens
+    assert word_spans(tokens) == (("Wait", 1, 2), ("Hold on", 6, 8), ("Alternatively", 9, 10))
+    assert word_spans(["W", "ait", " now"]) == (("Wait", 0, 2),)  # one word split over two tokens
+    assert word_spans(["But", " wait"], ["But", "wait"]) == (("But", 0, 1), ("wait", 1, 2))
 
 
-def test_attribution_compares_word_tokens_with_the_others():
-    token_words = (None, "Wait", None, "But")
-    # c: 2 -> 1 at token 0 (-50%), 1 -> 1.5 at "Wait" (+50%), 1.5 -> 0.75 (-50%), 0.75 -> 0.75 at "But" (0%)
-    attribution = attribute([0, 1, 2, 3, 4], [2.0, 1.0, 1.5, 0.75, 0.75], token_words)
+def test_the_answer_position_is_where_it_first_stands_alone():
+    tokens = ["12", " +", " 9", " =", " 2", "1", ". \\boxed{", "21", "}"]
+    assert answer_position(tokens, "21") == 4  # " 2" begins it: the prefix of 4 tokens holds none of it
+    assert answer_position(["142", " 4.2", " 420"], "42") is None and answer_position(["so -7."], "-7") == 0
+    assert answer_position(["x"], "") is None
+
+
+def test_the_cut_summary_keeps_the_prefixes_before_the_answer():
+    positions, values = [0, 2, 4, 6, 8], [3.0, 3.0, 3.0, 1.0, 0.5]
+    cut = summarize_cut(positions, values, 8, cut=4)  # flat until the answer, the fall is after it
+    assert (cut.start, cut.end, cut.slope) == (3.0, 3.0, 0.0)
+    assert summarize_cut(positions, values, 8, None) == summarize_curve(positions, values, 8)  # never written
+    assert summarize_cut(positions, values, 8, cut=1) is None  # one point: no slope
+
+
+def test_attribution_is_the_papers_relative_change_against_all_tokens():
+    spans = (("Wait", 1, 2), ("Hold on", 2, 4))
+    # c: 2 -> 1 at token 0 (|-50%|), 1 -> 1.5 at "Wait" (50%), 1.5 -> 0.75 and 0.75 -> 0.75 at "Hold on" (50%, 0%)
+    attribution = attribute([0, 1, 2, 3, 4], [2.0, 1.0, 1.5, 0.75, 0.75], spans, ("Wait", "Hold on"))
     per_word = {g.label: g for g in attribution.per_word}
     assert per_word["Wait"].count == 1 and per_word["Wait"].mean == pytest.approx(0.5)
-    assert per_word["But"].mean == pytest.approx(0.0) and per_word["Alternatively"].mean is None
-    assert attribution.any_word.count == 2 and attribution.any_word.mean == pytest.approx(0.25)
-    assert attribution.other.count == 2 and attribution.other.mean == pytest.approx(-0.5)
-    # every=2: the interval [0, 2) holds "Wait" (2 -> 1.5: -25%), [2, 4) holds "But" (1.5 -> 0.75: -50%).
-    coarse = {g.label: g for g in attribute([0, 2, 4], [2.0, 1.5, 0.75], token_words).per_word}
-    assert (coarse["Wait"].count, coarse["Wait"].mean) == (1, pytest.approx(-0.25))
-    assert (coarse["But"].count, coarse["But"].mean) == (1, pytest.approx(-0.5))
-    assert attribute([0, 2], [0.0, 1.0], token_words).any_word.count == 0  # no relative change from 0
+    assert per_word["Hold on"].count == 1 and per_word["Hold on"].mean == pytest.approx(0.25)  # mean of its 2 tokens
+    assert attribution.any_word.count == 2 and attribution.any_word.mean == pytest.approx(0.375)
+    assert attribution.all_tokens.count == 4 and attribution.all_tokens.mean == pytest.approx(0.375)  # all four
+    # every=2: steps [0, 2) (2 -> 1.5: 25%) and [2, 4) (1.5 -> 0.75: 50%); "Wait" lies in the first.
+    coarse = {g.label: g for g in attribute([0, 2, 4], [2.0, 1.5, 0.75], spans, ("Wait", "Hold on")).per_word}
+    assert coarse["Wait"].mean == pytest.approx(0.25) and coarse["Hold on"].mean == pytest.approx(0.5)
+    assert attribute([0, 2], [0.0, 1.0], spans).any_word.count == 0  # no relative change from 0
 
 
 def _trajectory(question_id, prompt, completion, correct) -> Trajectory:
@@ -151,6 +167,7 @@ def test_probe_files_and_plot_from_hand_made_trajectories(tiny, tmp_path):
     records = probe_trajectories(model, tokenizer, items, every=2)
     assert [r.positions[-1] for r in records] == [len(completion), 7, len(trajectories[2].completion_ids)]
     assert sum(r.attribution.any_word.count for r in records) == 3  # "Wait" twice, "But" once
+    assert records[2].answer_at is not None and records[2].group == "incorrect"  # "8" is written there
 
     plot = write_probe(records, tmp_path / "probe", label="step-3")
     lines = [json.loads(line) for line in (tmp_path / "probe" / "probe.jsonl").read_text().splitlines()]
@@ -168,18 +185,19 @@ def test_probe_files_and_plot_from_hand_made_trajectories(tiny, tmp_path):
 def test_group_summaries_pool_attribution_over_trajectories():
     from innerloop.learners.probe import ProbeRecord
 
-    def record(correct, values, words):
+    def record(correct, values, spans):
         positions = tuple(range(len(values)))
         return ProbeRecord("q", correct, len(values) - 1, positions, tuple(values),
-                           summarize_curve(positions, values, len(values) - 1), attribute(positions, values, words))
+                           summarize_curve(positions, values, len(values) - 1), attribute(positions, values, spans),
+                           "correct" if correct else "incorrect")
 
-    records = [record(True, [2.0, 1.0, 1.0], ("Wait", None)), record(True, [1.0, 2.0, 2.0], ("But", None)),
-               record(False, [1.0, 1.0], (None,))]
+    records = [record(True, [2.0, 1.0, 1.0], (("Wait", 0, 1),)), record(True, [1.0, 2.0, 2.0], (("But", 0, 1),)),
+               record(False, [1.0, 1.0], ())]
     correct, incorrect = summarize_groups(records)
     assert (correct.group, correct.trajectories, incorrect.trajectories) == ("correct", 2, 1)
     assert correct.start == pytest.approx(1.5) and correct.end == pytest.approx(1.5)
-    assert correct.any_word.count == 2 and correct.any_word.mean == pytest.approx(0.25)  # (-0.5 + 1.0) / 2
-    assert correct.other.mean == pytest.approx(0.0) and incorrect.any_word.mean is None
+    assert correct.any_word.count == 2 and correct.any_word.mean == pytest.approx(0.75)  # (0.5 + 1.0) / 2
+    assert correct.all_tokens.mean == pytest.approx(0.375) and incorrect.any_word.mean is None  # (0.5+0+1+0)/4
     with pytest.raises(ValueError, match="no probe records"):
         write_probe([], "unused", "x")
 
@@ -228,6 +246,7 @@ def test_probe_cli_after_sampling_writes_files_and_prints_both_groups_and_the_co
                  "--set", "tasks.eval_count=3", "--set", "tasks.train_count=5"]) == 0
     printed = capsys.readouterr().out
     assert "  correct: 2 trajectories" in printed and "incorrect: 2 trajectories" in printed
+    assert "correct - incorrect uncut" in printed and "too few to conclude from" in printed
     assert "cached" in printed and "naive about" in printed
     lines = [json.loads(line) for line in (out / "probe.jsonl").read_text().splitlines()]
     assert [line["correct"] for line in lines] == [True, False, True, False]

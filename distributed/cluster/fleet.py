@@ -107,9 +107,10 @@ class Fleet:
             self.rollouts.sleep()
 
     def probe(self, trajectories: list[Trajectory], questions: list[Question], suffix_template: str,
-              every: int) -> list:
-        """Inner-loop curves of the trajectories under the learner's current weights (rank 0's)."""
-        ref = self.learners[0].probe.remote(trajectories, questions, suffix_template, every)
+              every: int, other_question: int = 0) -> list:
+        """Inner-loop curves of the trajectories under the learner's current weights (rank 0's), and
+        `other_question` controls per question (learners/probe.py, `control_items`)."""
+        ref = self.learners[0].probe.remote(trajectories, questions, suffix_template, every, other_question)
         return self._learner_call([ref], "update", "the inner-loop probe")[0]
 
     def sync_weights(self, version: int, wait: bool = True) -> float:

@@ -16,8 +16,8 @@ from innerloop.distributed.config import DEFAULT_SUFFIX, Config, ConfigError, ch
 from innerloop.distributed.lens.evaluate import resolve_model_or_checkpoint
 from innerloop.distributed.lens.probe import GroupSummary, check_label, summarize_groups, write_probe
 from innerloop.distributed.records import Question, Trajectory
-from innerloop.learners.probe import (PROBE_BATCH, ProbeItem, ProbeRecord, items_from_trajectories, probe_trajectories,
-                                      suffix_tokens)
+from innerloop.learners.probe import (PROBE_BATCH, ProbeItem, ProbeRecord, control_items, items_from_trajectories,
+                                      probe_trajectories, suffix_tokens)
 from innerloop.learners.probe_summary import DEFAULT_WORDS
 
 
@@ -75,6 +75,7 @@ class ProbeOptions:
     every: int
     words: tuple[str, ...] = DEFAULT_WORDS
     dtype: str = "float32"  # of the transformers model: "float32", or "auto" for the model config's
+    other_question: int = 0  # controls per question: another question's trajectories (probe.other_question)
 
 
 @dataclass(frozen=True)
@@ -91,6 +92,11 @@ def check_options(options: ProbeOptions) -> None:
     for name in ("questions", "samples", "every"):
         if getattr(options, name) < 1:
             raise ConfigError(f"--{name} must be at least 1, got {getattr(options, name)}")
+    if options.other_question < 0:
+        raise ConfigError(f"--other-question must be 0 or more, got {options.other_question}")
+    if options.other_question and options.questions < 2:
+        raise ConfigError("--other-question needs --questions 2 or more: the control reads another question's "
+                          "trajectories")
     if not options.words or not all(w.strip() for w in options.words):
         raise ConfigError(f"--words {','.join(options.words)!r}: give one or more non-empty words")
     if options.dtype not in ("float32", "auto"):
@@ -111,6 +117,7 @@ def run_probe(cfg: Config, model: str, options: ProbeOptions) -> ProbeRun:
     questions, trajectories = _sample(cfg, model_path, options.questions, options.samples)
     hf_model, tokenizer = _load_transformers(model_path, options.dtype)
     items = items_from_trajectories(trajectories, questions, _end_ids(hf_model, tokenizer))
+    items += control_items(items, options.other_question)
     started = time.perf_counter()
     records = probe_trajectories(hf_model, tokenizer, items, options.suffix_template, options.every, options.words)
     seconds = time.perf_counter() - started

@@ -255,15 +255,14 @@ class Trainer:
 
     def _probe(self, actors: "fleet.Fleet", questions, trajectories, step: int) -> None:
         """The inner-loop curves of a few of this step's trajectories, into run_dir/probe/."""
-        from innerloop.distributed.lens.probe import summarize_groups, write_probe
+        from innerloop.distributed.lens.probe import probe_metrics, write_probe
 
         cfg = self.cfg.probe
         records = actors.probe(pick_for_probe(trajectories, questions, cfg.questions, cfg.samples),
-                               questions[: cfg.questions], cfg.suffix, cfg.every)
+                               questions[: cfg.questions], cfg.suffix, cfg.every, cfg.other_question)
         write_probe(records, self.run.path / "probe", label=f"step-{step}")
-        summary = {f"probe_{g.group}_{k}": getattr(g, k) for g in summarize_groups(records)
-                   for k in ("start", "end", "slope", "area")}
-        self.run.log({"event": "probe", "trajectories": len(records), **summary}, step)
+        # each group's means; correct - incorrect and correct - control, paired within questions
+        self.run.log({"event": "probe", "trajectories": len(records), **probe_metrics(records)}, step)
 
     def _sft_schedule(self, train_questions, model_path: str) -> "SftSchedule | None":
         """The SFT stage's batches, or None when the run has no SFT stage left to take."""
