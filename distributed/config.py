@@ -206,7 +206,14 @@ class SftConfig(Section):
     # k: distinct verifier-correct trajectories per question, padded by repetition to exactly k, so
     # every question is seen equally often.
     distinct: int = Field(1, ge=1)
-    questions_per_step: int = Field(16, ge=1)  # an SFT step's batch is questions_per_step x distinct
+    # R: pad every question to R rows instead of k (R >= k), as the paper's k sweep does: the data
+    # volume per step is then the same for every k, and only the diversity changes. null: k rows.
+    rows: int | None = Field(None, ge=1)
+    questions_per_step: int = Field(16, ge=1)  # an SFT step's batch is questions_per_step x rows (or x distinct)
+
+    @property
+    def rows_per_question(self) -> int:
+        return self.distinct if self.rows is None else self.rows
 
     @model_validator(mode="after")
     def _source_needs_its_input(self) -> "SftConfig":
@@ -214,6 +221,10 @@ class SftConfig(Section):
             raise ValueError("sft.source is 'file' but sft.path is not set; set sft.path=FILE.jsonl")
         if self.source == "teacher" and not self.teacher:
             raise ValueError("sft.source is 'teacher' but sft.teacher is not set; set sft.teacher=MODEL")
+        if self.rows is not None and self.rows < self.distinct:
+            raise ValueError(f"sft.rows = {self.rows} is below sft.distinct = {self.distinct}: every question is "
+                             f"padded to sft.rows rows, which must hold its k distinct trajectories; set sft.rows "
+                             f">= {self.distinct}, or null for k rows")
         return self
 
 
@@ -348,7 +359,8 @@ class Config(Section):
     @model_validator(mode="after")
     def _sft_batch_divides(self) -> "Config":
         if self.sft.steps:
-            self._check_divides(self.sft.questions_per_step * self.sft.distinct, "sft.questions_per_step x sft.distinct",
+            what = "sft.questions_per_step x " + ("sft.distinct" if self.sft.rows is None else "sft.rows")
+            self._check_divides(self.sft.questions_per_step * self.sft.rows_per_question, what,
                                 "per SFT step", "sft.questions_per_step")
         return self
 

@@ -182,6 +182,35 @@ def test_fewer_distinct_than_k_cycles_through_all_of_them():
     assert [i.completion for i in items] == [right(n) for n in (0, 1, 2, 0, 1, 2, 0)]
 
 
+def test_rows_pad_every_question_to_the_same_count_so_only_diversity_changes_with_k():
+    pool = mixed_pool()
+    for k in (1, 2, 4):
+        sft = build_sft_set(pool, k=k, seed=0, verify=VERIFY, rows=4)
+        by_question: dict[str, list[str]] = {}
+        for item in sft.items:
+            by_question.setdefault(item.question_id, []).append(item.completion)
+        assert (sft.k, sft.rows, len(sft.items)) == (k, 4, 12)  # the same volume for every k
+        assert all(len(rows) == 4 for rows in by_question.values())
+        assert len(set(by_question["many"])) == k  # the diversity is what k changes
+    assert build_sft_set(pool, k=2, seed=0, verify=VERIFY, rows=5).items[:5] == \
+        build_sft_set(pool, k=2, seed=0, verify=VERIFY, rows=6).items[:5]  # the same k picked, padded in turn
+    assert build_sft_set(pool, k=3, seed=0, verify=VERIFY).rows == 3  # no rows: k, as before
+    with pytest.raises(ValueError, match="rows per question \\(2\\) must be at least k = 3"):
+        build_sft_set(pool, k=3, seed=0, verify=VERIFY, rows=2)
+
+
+def test_the_config_checks_rows_against_k_and_the_batch():
+    from innerloop.distributed.config_base import ConfigError
+    from innerloop.distributed.config_load import load_config
+
+    cfg = load_config(None, ["sft.steps=2", "sft.distinct=2", "sft.rows=8", "sft.questions_per_step=4"])
+    assert cfg.sft.rows_per_question == 8
+    with pytest.raises(ConfigError, match="sft.rows = 1 is below sft.distinct = 2"):
+        load_config(None, ["sft.distinct=2", "sft.rows=1"])
+    with pytest.raises(ConfigError, match="sft.questions_per_step x sft.rows = 9"):
+        load_config(None, ["sft.steps=2", "sft.rows=3", "sft.questions_per_step=3"])
+
+
 def test_selection_is_seeded_and_reproducible():
     pool = mixed_pool()
     def pick(seed: int, questions=pool) -> list[str]:

@@ -60,6 +60,16 @@ def test_every_question_of_the_sft_set_is_seen_equally_often(tmp_path, tiny):
     assert all("\\boxed{" in line["completion"] for line in saved)  # the generator's worked solutions
 
 
+def test_sft_rows_pad_each_question_so_the_batch_is_questions_x_rows(tmp_path, tiny):
+    cfg = config(tiny, "sft.steps=2", "sft.questions_per_step=2", "sft.rows=4", "train.steps=1",
+                 "learner.micro_batch_size=8")
+    fleet = FakeFleet(cfg)
+    Trainer(cfg, tmp_path / "run").train(fleet)
+    assert fleet.sft_batches == [8, 8]  # 2 questions x 4 rows, whatever sft.distinct is
+    saved = [json.loads(line) for line in (tmp_path / "run" / SET_FILE).read_text().splitlines()]
+    assert set(Counter(line["question_id"] for line in saved).values()) == {4}
+
+
 def test_a_resume_inside_the_sft_stage_reuses_the_saved_set(tmp_path, tiny):
     cfg = config(tiny, "train.keep_checkpoints=10", "train.keep_best=0")
     Trainer(cfg, tmp_path / "plain").train(FakeFleet(cfg))

@@ -3,7 +3,9 @@
 A trajectory here is text: a question (id, prompt, reference answer) and one completion. It comes
 from a trajectory file, from the task generator's worked solutions (a cold start without a teacher),
 or from a teacher's rollouts. `build_sft_set` keeps up to k distinct verified-correct completions per
-question and pads by duplication to exactly k, so every question weighs the same in the NLL loss.
+question and pads by duplication to exactly k rows, so every question weighs the same in the NLL loss;
+or, as the paper's k sweep does it, to the same R rows whatever k (`rows`), so that only the diversity
+of a question's trajectories changes with k, not the amount of data.
 `sft_samples` tokenizes them as the rollout worker would have generated them: the same chat-templated
 prompt, then the completion and the eos token, loss on the completion and eos only.
 
@@ -148,8 +150,9 @@ def answer_verifier(answer_pattern: str | None = None) -> Verify:
 class SftSet:
     """k items per kept question, and what the filter saw on the way."""
 
-    items: tuple[SftTrajectory, ...]  # question-major, questions in first-seen order, k each
+    items: tuple[SftTrajectory, ...]  # question-major, questions in first-seen order, `rows` each
     k: int
+    rows: int  # per question: k, or the R the set was padded to
     questions_kept: int
     questions_dropped: int  # no trajectory the verifier accepted
     dropped_ids: tuple[str, ...]
@@ -159,12 +162,16 @@ class SftSet:
 
 
 def build_sft_set(trajectories_by_question: Mapping[str, Sequence[SftTrajectory]], k: int, seed: int,
-                  verify: Verify) -> SftSet:
+                  verify: Verify, rows: int | None = None) -> SftSet:
     """Per question: the distinct completions (by exact text) that `verify` accepts; a seeded random k
-    of them when there are more, then repeated in turn up to exactly k, so each question is trained on
-    equally often. Questions with none are dropped and counted."""
+    of them when there are more, then repeated in turn up to exactly `rows` (default k), so each
+    question is trained on equally often (the copies of its distinct ones differ by at most one).
+    Questions with none are dropped and counted."""
     if k < 1:
         raise ValueError(f"k (trajectories per question) must be >= 1, got {k}")
+    rows = k if rows is None else rows
+    if rows < k:
+        raise ValueError(f"rows per question ({rows}) must be at least k = {k}, the distinct trajectories kept")
     items: list[SftTrajectory] = []
     dropped, histogram, wrong, duplicates = [], Counter(), 0, 0
     for question_id, trajectories in trajectories_by_question.items():
@@ -180,8 +187,8 @@ def build_sft_set(trajectories_by_question: Mapping[str, Sequence[SftTrajectory]
             continue
         chosen = _choose(distinct, k, random.Random(f"{seed}|{question_id}"))
         histogram[len(chosen)] += 1
-        items.extend(chosen[i % len(chosen)] for i in range(k))
-    return SftSet(items=tuple(items), k=k, questions_kept=sum(histogram.values()), questions_dropped=len(dropped),
+        items.extend(chosen[i % len(chosen)] for i in range(rows))
+    return SftSet(items=tuple(items), k=k, rows=rows, questions_kept=sum(histogram.values()), questions_dropped=len(dropped),
                   dropped_ids=tuple(dropped), distinct_per_question=dict(sorted(histogram.items())), wrong=wrong,
                   duplicates=duplicates)
 

@@ -39,14 +39,14 @@ def prepare_set(cfg: Config, train_questions: list[Question], run_dir: Path, sam
         return load_trajectory_file(saved, on_bad_row="fail").items
     candidates = _candidates(cfg, train_questions, sample_teacher)
     built = build_sft_set(group_by_question(candidates), cfg.sft.distinct, cfg.train.seed,
-                          answer_verifier(cfg.reward.answer_pattern))
+                          answer_verifier(cfg.reward.answer_pattern), rows=cfg.sft.rows)
     if not built.items:
         raise SftStageError(f"the SFT stage found no trajectory the verifier accepts among {len(candidates)} "
                             f"from sft.source={cfg.sft.source}; check the source's answers or the reward's "
                             "answer format")
-    log.info("SFT set: %d questions x %d trajectories (%d questions without a correct one dropped; "
-             "distinct per question %s)", built.questions_kept, built.k, built.questions_dropped,
-             built.distinct_per_question)
+    log.info("SFT set: %d questions x %d rows of up to %d distinct trajectories (%d questions without a correct "
+             "one dropped; distinct per question %s)", built.questions_kept, built.rows, built.k,
+             built.questions_dropped, built.distinct_per_question)
     write_trajectory_file(saved, built.items)
     return list(built.items)
 
