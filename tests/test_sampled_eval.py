@@ -108,3 +108,13 @@ def test_the_sweep_table_reports_pass_at_k_with_intervals_and_a_paired_compariso
     assert "| strict accuracy | lenient accuracy | Pass@8 | lenient Pass@8 |" in table
     assert "| a | - | 2/2 | 50.0% ± 0.0 | 50.0% ± 0.0 | 100.0% ± 0.0 | 100.0% ± 0.0 |" in table
     assert "| a | b | 0,1 | 6 | pass@8 | +50.0 [" in table
+
+
+def test_probe_metrics_in_the_sweep_table_are_means_over_the_runs_probe_events(tmp_path):
+    run_dir = tmp_path / "a"
+    run_dir.mkdir()
+    lines = [{"step": 1, "reward_mean": 0.5}, {"step": 0, "event": "probe", "probe_correct_slope": -1.0},
+             {"step": 2, "event": "probe", "probe_correct_slope": -2.0}, {"step": 2, "reward_mean": 0.7}]
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    result = sweep_table.run_result(run_dir, ["probe_correct_slope", "reward_mean"], last_steps=1)
+    assert result["metrics"] == {"probe_correct_slope": -1.5, "reward_mean": 0.7}

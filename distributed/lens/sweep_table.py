@@ -4,7 +4,8 @@ Per run: held-out accuracy is the final eval (the `eval_after` record of metrics
 (`eval_accuracy`) and lenient (`eval_lenient_accuracy`), with the sampled eval's Pass@k beside them
 where the run drew one (`eval_pass@K`, `eval_lenient_pass@K`: lens/sampled_eval.py); each metric named in the sweep file is the
 mean of that key over the run's last `last_steps` step records (one step's value is noisy; the last
-few say where training ended). Per cell: mean +- 95% t-interval over its finished seeds.
+few say where training ended), except the probe's numbers (`probe_*`, lens/probe.py's `probe_metrics`):
+the mean over all of the run's probe events. Per cell: mean +- 95% t-interval over its finished seeds.
 
 Pairs of cells are compared on the same held-out questions (RUN_DIR/eval_questions.jsonl, lens/accuracy.py),
 seeds paired by number and pooled: McNemar's exact test on the discordant (seed, question) pairs, and a
@@ -58,10 +59,12 @@ def run_result(run_dir: Path, metrics: Sequence[str], last_steps: int) -> dict[s
     final = next((r for r in reversed(records) if r.get("event") == "eval_after"), {})
     done = next((r for r in reversed(records) if r.get("event") == "done"), {})
     steps = [r for r in records if "event" not in r]
-    tail = steps[-last_steps:]
+    tail, probes = steps[-last_steps:], [r for r in records if r.get("event") == "probe"]
     means = {}
     for name in metrics:
-        values = [v for v in (_number(r.get(name)) for r in tail) if v is not None]
+        # A probe's numbers (probe_*) are logged with its probe events: their mean over all of the run's probes.
+        chosen = probes if name.startswith("probe_") else tail
+        values = [v for v in (_number(r.get(name)) for r in chosen) if v is not None]
         means[name] = sum(values) / len(values) if values else None
     return {"steps": len(steps), "strict": _number(final.get("eval_accuracy")),
             "lenient": _number(final.get("eval_lenient_accuracy")), "formatted": _number(final.get("eval_formatted")),
@@ -193,7 +196,8 @@ def markdown(summary: dict[str, Any]) -> str:
              "Held-out accuracy after training (each run's final eval), mean ± 95% CI half-width "
              "(t-interval over seeds, in points); strict: the verifier; lenient: the last number, boxed or not. "
              + ("Pass@K: the final eval's sampled completions (eval.sampled), on its questions. " if passes else "")
-             + f"Metrics: the mean over each run's last {summary['last_steps']} steps, then over seeds.", "",
+             + f"Metrics: the mean over each run's last {summary['last_steps']} steps (probe_*: over its probes), "
+             "then over seeds.", "",
              "| cell | overrides | seeds done | strict accuracy | lenient accuracy |"
              + "".join(f" {titles[k]} |" for k in passes) + "".join(f" {m} |" for m in metrics),
              "| --- | --- | --- | --- | --- |" + " --- |" * (len(passes) + len(metrics))]
