@@ -71,8 +71,9 @@ def _parser() -> argparse.ArgumentParser:
 class MemorySampler:
     """RSS of this process and all its descendants, tagged with the run's latest logged step."""
 
-    def __init__(self, every_s: float, run_dir: Path):
-        self.every_s, self.run_dir = every_s, run_dir
+    def __init__(self, every_s: float, run_dir: Path, root_role: str = "driver"):
+        """`root_role`: what this process is called in the samples (scripts/chaos.py's is not the driver)."""
+        self.every_s, self.run_dir, self.root_role = every_s, run_dir, root_role
         self.samples: list[dict] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
@@ -86,7 +87,7 @@ class MemorySampler:
 
     def _loop(self) -> None:
         while not self._stop.wait(self.every_s):
-            self.samples.append({"time": round(time.time(), 1), "step": self._step(), "rss_mib": _tree_rss()})
+            self.samples.append({"time": round(time.time(), 1), "step": self._step(), "rss_mib": _tree_rss(self.root_role)})
 
     def _step(self) -> int:
         metrics = self.run_dir / "metrics.jsonl"
@@ -96,7 +97,7 @@ class MemorySampler:
         return json.loads(lines[-1]).get("step", 0) if lines else 0
 
 
-def _tree_rss() -> dict[str, float]:
+def _tree_rss(root_role: str = "driver") -> dict[str, float]:
     """'role pid' -> RSS in MiB, for this process and every process under it."""
     import psutil
 
@@ -104,19 +105,21 @@ def _tree_rss() -> dict[str, float]:
     found = {}
     for process in [root, *root.children(recursive=True)]:
         try:
-            found[f"{_role(process, root)} {process.pid}"] = round(process.memory_info().rss / 2**20, 1)
+            found[f"{_role(process, root, root_role)} {process.pid}"] = round(process.memory_info().rss / 2**20, 1)
         except psutil.Error:  # ended between the listing and the read
             continue
     return found
 
 
-def _role(process, root) -> str:
+def _role(process, root, root_role: str = "driver") -> str:
     """A stable name: Ray retitles an actor's process with the method it runs ("ray::Learner.update")."""
     if process.pid == root.pid:
+        return root_role
+    command = process.cmdline() or [process.name()]
+    if command[0].startswith("ray::"):
+        return command[0].split(".")[0].split()[0]
+    if "innerloop.distributed.cli" in command:  # `python -m innerloop.distributed.cli train`, started under this one
         return "driver"
-    title = (process.cmdline() or [process.name()])[0]
-    if title.startswith("ray::"):
-        return title.split(".")[0].split()[0]
     return process.name()
 
 

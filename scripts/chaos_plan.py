@@ -1,0 +1,203 @@
+"""The chaos soak's pure parts (scripts/chaos.py): the seeded fault schedule, the checks of a finished
+run's records, and the wall time each fault cost. No Ray, no processes: unit-tested in tests/test_chaos.py.
+"""
+
+from __future__ import annotations
+
+import random
+import statistics
+from dataclasses import dataclass
+
+# Each kind, and what the soak does for it (scripts/chaos_faults.py).
+KINDS = (
+    "worker_mid_generate",  # SIGKILL a rollout worker while it generates
+    "worker_mid_sync",      # SIGKILL a rollout worker while it receives weights
+    "learner_killed",       # SIGKILL the learner rank while it updates
+    "node_joined",          # a simulated node joins the cluster (a rollout worker starts on it)
+    "node_left",            # and leaves it (that worker dies with it)
+    "scale_up",             # `innerloop scale RUN --rollout-workers base+1`
+    "scale_down",           # `innerloop scale RUN --rollout-workers base`
+    "driver_killed",        # SIGKILL the driver; the soak resumes it with `innerloop train --resume`
+    "reward_hang",          # one completion's reward hangs past reward.timeout_s
+    "nan_step",             # one group's rewards overflow float32: the step's loss is not finite
+)
+# A pool-changing fault and the one that undoes it form one episode, so the pool is back to its base
+# size before the next fault (a resumed driver starts at the base size again).
+PAIRS = {"node_joined": "node_left", "scale_up": "scale_down"}
+SECOND = set(PAIRS.values())
+
+
+@dataclass(frozen=True)
+class Fault:
+    step: int  # injected once the run has logged this step (or later, after the previous fault settled)
+    kind: str
+
+
+def plan(seed: int, steps: int, per_kind: int, first_step: int, spacing: int) -> list[Fault]:
+    """A seeded, mixed schedule: every kind `per_kind` times, in a shuffled order, each fault at least
+    `spacing` steps after the previous one (so each one's cost is measured alone), none before
+    `first_step` (after the first checkpoint: a learner or driver death then has one to go back to),
+    the last one with `spacing` steps left to recover in."""
+    if per_kind < 1 or spacing < 1 or first_step < 0:
+        raise ValueError("per_kind and spacing must be at least 1, first_step at least 0")
+    episodes = [[kind] + ([PAIRS[kind]] if kind in PAIRS else []) for kind in KINDS if kind not in SECOND]
+    episodes = [list(e) for e in episodes for _ in range(per_kind)]
+    rng = random.Random(seed)
+    rng.shuffle(episodes)
+    faults = sum(len(e) for e in episodes)
+    slack = steps - first_step - faults * spacing
+    if slack < 0:
+        raise ValueError(f"{steps} steps cannot hold {faults} faults {spacing} steps apart after step "
+                         f"{first_step}: give at least {first_step + faults * spacing} steps, or fewer faults")
+    # The slack goes into random extra gaps before the episodes, so the spacing varies with the seed.
+    cuts = sorted(rng.randint(0, slack) for _ in episodes)
+    extra = [b - a for a, b in zip([0, *cuts], cuts)]
+    schedule, step = [], first_step
+    for gap, episode in zip(extra, episodes):
+        step += gap
+        for kind in episode:
+            schedule.append(Fault(step, kind))
+            step += spacing
+    return schedule
+
+
+# ---------------------------------------------------------------- the checks of a finished run
+
+
+def steps_problems(metrics: list[dict], steps: int) -> list[str]:
+    """Every step 1..steps logged exactly once, each at policy version = its step, strictly increasing."""
+    records = [r for r in metrics if "event" not in r]
+    logged = [r["step"] for r in records]
+    problems = []
+    twice = sorted({s for s in logged if logged.count(s) > 1})
+    if twice:
+        problems.append(f"steps logged more than once: {twice[:10]}")
+    missing = sorted(set(range(1, steps + 1)) - set(logged))
+    if missing:
+        problems.append(f"steps never logged: {missing[:10]}{' ...' if len(missing) > 10 else ''}")
+    versions = [r.get("policy_version") for r in sorted(records, key=lambda r: r["step"])]
+    if any(v is None for v in versions):
+        problems.append("a step record has no policy_version")
+    elif any(b <= a for a, b in zip(versions, versions[1:])):
+        problems.append("the policy version does not strictly increase from step to step")
+    elif any(r["policy_version"] != r["step"] for r in records):
+        problems.append("a step's policy version is not its step")
+    return problems
+
+
+def ledger_problems(ledger: list[dict], steps: int, per_step: int) -> list[str]:
+    """Every step's questions recorded once, `per_step` of them, and no question consumed twice (the
+    soak's pool holds more questions than the run takes, so within one epoch)."""
+    problems = []
+    logged = [r["step"] for r in ledger]
+    if sorted(logged) != list(range(1, steps + 1)):
+        problems.append(f"the ledger's steps are not 1..{steps} once each ({len(logged)} records)")
+    short = [r["step"] for r in ledger if len(r["questions"]) != per_step]
+    if short:
+        problems.append(f"steps without {per_step} questions in the ledger: {short[:10]}")
+    consumed = [q for r in ledger for q in r["questions"]]
+    twice = sorted({q for q in consumed if consumed.count(q) > 1}) if len(set(consumed)) != len(consumed) else []
+    if twice:
+        problems.append(f"questions consumed more than once: {twice[:10]}")
+    return problems
+
+
+def trajectory_problems(trajectories: list[dict], ledger: list[dict], group_size: int) -> list[str]:
+    """No trajectory trained twice, none missing: each consumed question's group of G trajectories,
+    trained in the step that consumed it, sampled by the weights of the step before (synchronous)."""
+    step_of = {q: r["step"] for r in ledger for q in r["questions"]}
+    problems, count = [], {}
+    for t in trajectories:
+        count[t["question_id"]] = count.get(t["question_id"], 0) + 1
+        if step_of.get(t["question_id"]) != t["step"]:
+            problems.append(f"a trajectory of {t['question_id']} trained in step {t['step']}, which did not "
+                            "consume that question")
+        elif t["policy_version"] != t["step"] - 1:
+            problems.append(f"a trajectory of step {t['step']} was sampled at policy version {t['policy_version']}")
+    wrong = {q: n for q, n in count.items() if n != group_size}
+    if wrong:
+        problems.append(f"questions trained on other than {group_size} trajectories: {dict(list(wrong.items())[:5])}")
+    never = sorted(set(step_of) - set(count))
+    if never:
+        problems.append(f"consumed questions with no trajectory trained: {never[:10]}")
+    return problems[:20]
+
+
+def memory_growth(samples: list[dict], warmup_steps: int) -> dict[str, dict]:
+    """Per process ('role pid'): RSS once it is `warmup_steps` steps older than its first sample, at its
+    last sample, and its peak. A process that did not live that long is not judged (no 'growth_mib')."""
+    seen: dict[str, dict] = {}
+    for sample in samples:
+        for name, rss in sample["rss_mib"].items():
+            entry = seen.setdefault(name, {"first_step": sample["step"], "peak_mib": rss})
+            entry["peak_mib"] = max(entry["peak_mib"], rss)
+            if "warm_mib" not in entry and sample["step"] >= entry["first_step"] + warmup_steps:
+                entry["warm_mib"], entry["warm_step"] = rss, sample["step"]
+            entry["end_mib"], entry["end_step"] = rss, sample["step"]
+    for entry in seen.values():
+        if "warm_mib" in entry and entry["end_step"] > entry["warm_step"]:
+            entry["growth_mib"] = round(entry["end_mib"] - entry["warm_mib"], 1)
+    return seen
+
+
+def memory_problems(growth: dict[str, dict], bound_mib: float) -> list[str]:
+    over = {name: e["growth_mib"] for name, e in growth.items() if e.get("growth_mib", 0.0) > bound_mib}
+    return [f"{name} grew {mib:+.1f} MiB after its warm-up (bound {bound_mib:g})" for name, mib in over.items()]
+
+
+# ---------------------------------------------------------------- what each fault cost
+
+
+def step_times(records: list[dict]) -> dict[int, list[float]]:
+    """Step -> the times a record of it was logged, in order (a redone step has several)."""
+    times: dict[int, list[float]] = {}
+    for r in records:
+        if "event" not in r:
+            times.setdefault(r["step"], []).append(r["time"])
+    return {step: sorted(ts) for step, ts in times.items()}
+
+
+def normal_step_seconds(final: list[dict], fired: list[dict], window: int) -> float:
+    """The median interval between consecutive steps that no fault's window touched."""
+    times = {r["step"]: r["time"] for r in final if "event" not in r}
+    touched = {f["last_step"] + i for f in fired for i in range(1, window + 1)}
+    intervals = [times[s] - times[s - 1] for s in times if s - 1 in times and s not in touched]
+    return statistics.median(intervals) if intervals else 0.0
+
+
+def lost_seconds(fired: dict, everything: list[dict], final: list[dict], window: int, normal: float) -> float | None:
+    """Wall time a fault cost: from the last step logged before it to the step `window` steps later (as the
+    finished run has it), less `window` normal steps and the checkpoints written in between. None when the
+    run never got that far."""
+    before = [t for t in step_times(everything).get(fired["last_step"], []) if t <= fired["time"]]
+    after = {r["step"]: r["time"] for r in final if "event" not in r}
+    target = fired["last_step"] + window
+    if target not in after:
+        return None
+    start = before[-1] if before else fired["time"]
+    saving = sum(r.get("seconds", 0.0) for r in final if r.get("event") == "checkpoint"
+                 and fired["last_step"] < r["step"] < target and r["time"] > start)
+    return round(after[target] - start - window * normal - saving, 2)
+
+
+def last_step_before(everything: list[dict], when: float) -> int:
+    """The newest step any record (kept or superseded) had logged by `when`; 0 before the first."""
+    return max((r["step"] for r in everything if "event" not in r and r["time"] <= when), default=0)
+
+
+def lost_by_kind(fired: list[dict], everything: list[dict], final: list[dict], window: int) -> dict[str, dict]:
+    """Kind -> how many fired, and the seconds lost each time, with their mean and the total.
+    `fired`: {kind, time}; `everything`: every step record ever logged, the superseded ones too."""
+    fired = [{**f, "last_step": last_step_before(everything, f["time"])} for f in fired]
+    normal = normal_step_seconds(final, fired, window)
+    table: dict[str, dict] = {}
+    for fault in fired:
+        entry = table.setdefault(fault["kind"], {"count": 0, "lost_s": []})
+        entry["count"] += 1
+        lost = lost_seconds(fault, everything, final, window, normal)
+        if lost is not None:
+            entry["lost_s"].append(lost)
+    for entry in table.values():
+        entry["mean_s"] = round(statistics.mean(entry["lost_s"]), 2) if entry["lost_s"] else None
+        entry["total_s"] = round(sum(entry["lost_s"]), 2)
+    return {"normal_step_s": round(normal, 3), "window_steps": window, "kinds": table}
