@@ -28,6 +28,7 @@ from innerloop.distributed.transfer import Group, GroupAddress, WireMeta, send_b
 from innerloop.learners import grpo, lora, snapshot_files, update_steps
 from innerloop.learners.safe_load import refuse_unsafe_files, weights_only_loads
 from innerloop.learners.weight_ipc import ColocatedWeights
+from innerloop.learners.host_memory import return_freed_memory
 from innerloop.learners.logprobs import token_logprobs
 
 log = logging.getLogger(__name__)
@@ -134,6 +135,7 @@ class Learner(ColocatedWeights):
             for part, part_fixed in zip(parts, fixed):
                 loss = functools.partial(self._policy_loss, normalizers=normalizers, fixed=part_fixed, timings=timings)
                 steps.append(self._step(part, loss, gradient_scale=len(parts)))
+        return_freed_memory()  # inside update_seconds: what it costs is the update's
         metrics = self._metrics(steps, algo.epochs, PolicySums, started)
         return replace(metrics, reference_seconds=timings.get("reference", 0.0))  # inside update_seconds; 0 without KL
 
@@ -153,6 +155,7 @@ class Learner(ColocatedWeights):
         (part,) = self._plan(samples, 1)
         step = self._step(part, lambda index, batch: update_steps.nll_loss(
             self.engine, batch, normalizer, self._algo.aggregation, self._temperature, self._cfg.packing))
+        return_freed_memory()
         return self._metrics([step], 1, NllSums, started)
 
     def _plan(self, samples: list[TrainingSample], mini_batches: int):

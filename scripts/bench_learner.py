@@ -31,6 +31,9 @@ VARIANTS = {
     "padded_5e8": ["learner.bucket_elements=500000000"],  # before: DeepSpeed's default buckets
     "padded": [],  # buckets sized from the model
     "budget_4k": ["learner.max_tokens_per_micro_batch=4096"],
+    "budget_2k": ["learner.max_tokens_per_micro_batch=2048"],
+    "checkpointed": ["learner.gradient_checkpointing=true"],
+    "checkpointed_2k": ["learner.gradient_checkpointing=true", "learner.max_tokens_per_micro_batch=2048"],
     "packed_4k": ["learner.packing=true", "learner.max_tokens_per_micro_batch=4096"],
     "bare": None,
 }
@@ -102,7 +105,14 @@ def run_one(variant: str, updates: int, common: list[str]) -> dict:
     seconds = [update() for _ in range(updates)]
     return {"variant": variant, "seconds": statistics.median(seconds),
             "tokens": sum(len(s.input_ids) for s in samples),
-            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "rss_after_update_mib": _rss_mib()}
+
+
+def _rss_mib() -> float:
+    """This process's resident memory now (Linux), in MiB: what stays between updates."""
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmRSS")) / 1024
 
 
 def _learner_update(model: str, cfg, samples, normalizers):
@@ -170,6 +180,7 @@ def _summary(rounds: list[dict], variant: str, baseline: str) -> dict:
     ratio = [r[baseline]["seconds"] / r[variant]["seconds"] for r in rounds]
     return {"tokens_per_s": round(statistics.median(speed), 1),
             "peak_rss_mib": round(statistics.median(r[variant]["peak_rss_mib"] for r in rounds)),
+            "rss_after_update_mib": round(statistics.median(r[variant].get("rss_after_update_mib", 0) for r in rounds)),
             f"speed_vs_{baseline}": round(statistics.mean(ratio), 3),
             "speed_ratio_ci95": _interval(ratio)}
 
