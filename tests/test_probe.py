@@ -253,3 +253,21 @@ def test_probe_cli_after_sampling_writes_files_and_prints_both_groups_and_the_co
     assert {line["label"] for line in lines} == {tiny_folder.name}
     assert all(line["positions"][-1] == line["completion_tokens"] for line in lines)
     assert (out / f"curves-{tiny_folder.name}.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_probe_cli_adds_the_other_question_control(tiny_folder, tmp_path, capsys, monkeypatch):
+    from innerloop.actors import rollout
+    from innerloop.distributed.cli import main
+
+    monkeypatch.setattr(rollout, "RolloutWorker", _ScriptedWorker)
+    out = tmp_path / "out"
+    assert main(["probe", str(tiny_folder), "--out", str(out), "--questions", "2", "--samples", "2", "--every", "2",
+                 "--other-question", "1", "--set", "tasks.eval_count=3", "--set", "tasks.train_count=5"]) == 0
+    assert "other_question: 2 trajectories" in capsys.readouterr().out
+    lines = [json.loads(line) for line in (out / "probe.jsonl").read_text().splitlines()]
+    controls = [line for line in lines if line["group"] == "other_question"]
+    assert len(controls) == 2 and all(line["trajectory_of"] != line["question_id"] for line in controls)
+    assert all(not line["correct"] for line in controls)
+    [summary] = [json.loads(line) for line in (out / "probe_summary.jsonl").read_text().splitlines()]
+    assert summary["other_question"]["trajectories"] == 2 and len(summary["comparisons"]["paired"]) == 4
+    assert main(["probe", str(tiny_folder), "--out", str(out), "--questions", "1", "--other-question", "1"]) == 2
