@@ -188,3 +188,20 @@ def test_without_snapshots_a_dead_rank_costs_the_steps_since_the_checkpoint(tmp_
     Trainer(cfg, tmp_path / "run").train(fleet)
     [event] = events(tmp_path / "run", "learners_restarted")
     assert (event["restored_from"], event["steps_lost"]) == ("checkpoint", 2) and fleet.snapshots == 0
+
+
+def test_snapshot_files_round_trip_and_never_leave_their_folder(tmp_path):
+    from innerloop.learners import snapshot_files
+
+    with snapshot_files.scratch_folder() as folder:
+        (folder / "snapshot").mkdir()
+        (folder / "snapshot" / "mp_rank_00_model_states.pt").write_bytes(b"model")
+        (folder / "latest").write_text("snapshot")
+        files = snapshot_files.read_files(folder)
+    assert files == {"latest": b"snapshot", "snapshot/mp_rank_00_model_states.pt": b"model"}
+    assert not folder.exists()  # the scratch is removed
+    snapshot_files.write_files(files, tmp_path / "back")
+    assert snapshot_files.read_files(tmp_path / "back") == files
+    with pytest.raises(ValueError, match="outside its folder"):
+        snapshot_files.write_files({"../escaped": b"x"}, tmp_path / "back")
+    assert not (tmp_path / "escaped").exists()

@@ -111,6 +111,7 @@ def test_learners_resized_1_2_1_in_job_repeat_the_run_that_never_resized(fleet, 
     scaled = _events(run_dir, "learner_ranks_scaled")
     assert [(r["step"], r["from"], r["to"]) for r in scaled] == [(1, 1, 2), (3, 2, 1)]
     assert all(r["seconds"] > 0 for r in scaled)
+    print("resizes:", scaled)  # what each cost, seen with pytest -s
     # Steps 2 and 3 ran on two ranks, step 4 on one again: each update's numbers are the unresized run's.
     _assert_steps_match(run_dir, plain, range(1, STEPS + 1), RESIZED_REL_TOL)
     assert not list((run_dir / "checkpoints").glob(".universal-*"))  # the converted copies are removed
@@ -139,6 +140,7 @@ def test_a_killed_learner_restores_its_snapshot_and_loses_no_step(fleet, plain, 
     assert killed.is_set() and result.steps_done == STEPS
     [restart] = _events(run_dir, "learners_restarted")
     assert (restart["step"], restart["restored_from"], restart["steps_lost"]) == (2, "snapshot", 0)
+    print("restart:", restart, "snapshot seconds:", [r["time_snapshot"] for r in _steps(run_dir).values()])
     assert not (run_dir / "superseded.jsonl").exists()  # nothing logged was taken back
     assert all(r["time_snapshot"] > 0 for r in _steps(run_dir).values())
     # The same ranks on the same state: steps 3 and 4 are the unkilled run's, as after a resume.
