@@ -118,7 +118,7 @@ def _role(process, root, root_role: str = "driver") -> str:
     command = process.cmdline() or [process.name()]
     if command[0].startswith("ray::"):
         return command[0].split(".")[0].split()[0]
-    if "innerloop.distributed.cli" in command:  # `python -m innerloop.distributed.cli train`, started under this one
+    if "innerloop.distributed.cli" in command and "train" in command:  # a driver started under this one
         return "driver"
     return process.name()
 

@@ -59,7 +59,7 @@ def _run(steps=3, questions=2, group=2):
 def test_a_clean_run_passes_every_check():
     metrics, ledger, trajectories = _run()
     assert chaos_plan.steps_problems(metrics, 3) == []
-    assert chaos_plan.ledger_problems(ledger, 3, 2) == []
+    assert chaos_plan.ledger_problems(ledger, 3, [r["questions"] for r in ledger]) == []
     assert chaos_plan.trajectory_problems(trajectories, ledger, 2) == []
 
 
@@ -71,11 +71,14 @@ def test_a_step_logged_twice_or_missing_or_a_version_going_back_fails():
     assert any("strictly increase" in p for p in chaos_plan.steps_problems(back, 3))
 
 
-def test_a_question_consumed_twice_fails_the_ledger():
+def test_a_question_consumed_twice_or_skipped_fails_the_ledger():
     _, ledger, _ = _run()
-    ledger[2] = {"step": 3, "questions": ["q1-0", "q3-1"]}
-    assert any("consumed more than once: ['q1-0']" in p for p in chaos_plan.ledger_problems(ledger, 3, 2))
-    assert any("not 1..3" in p for p in chaos_plan.ledger_problems(ledger[:2], 3, 2))
+    expected = [r["questions"] for r in ledger]
+    again = [*ledger[:2], {"step": 3, "questions": ["q1-0", "q3-1"]}]  # step 3 took a question of step 1 again
+    assert chaos_plan.ledger_problems(again, 3, expected) == [
+        "steps that did not consume the questions of their turn in the stream: [3]"]
+    assert any("not 1..3" in p for p in chaos_plan.ledger_problems(ledger[:2], 3, expected))
+    assert any("not 1..3" in p for p in chaos_plan.ledger_problems([*ledger, ledger[2]], 3, expected))
 
 
 def test_a_trajectory_trained_twice_or_by_stale_weights_fails():
@@ -89,12 +92,14 @@ def test_a_trajectory_trained_twice_or_by_stale_weights_fails():
 
 
 def test_memory_growth_is_judged_from_each_process_warm_up_and_fails_past_the_bound():
-    samples = [{"step": s, "rss_mib": {"learner 7": 100.0 + 10 * s, "worker 8": 50.0}} for s in range(0, 12)]
+    samples = [{"step": s, "rss_mib": {"learner 7": 100.0 + 10 * s, "worker 8": 50.0 + (150 if s == 11 else 0)}}
+               for s in range(0, 12)]
     samples.append({"step": 12, "rss_mib": {"replacement 9": 80.0}})  # too young to judge
     growth = chaos_plan.memory_growth(samples, warmup_steps=2)
-    assert growth["learner 7"]["growth_mib"] == 90.0 and growth["worker 8"]["growth_mib"] == 0.0
+    assert growth["learner 7"]["growth_mib"] == 70.0  # medians of steps 2-4 and 9-11
+    assert growth["worker 8"]["growth_mib"] == 0.0 and growth["worker 8"]["peak_mib"] == 200.0  # a swing, no leak
     assert "growth_mib" not in growth["replacement 9"]
-    assert chaos_plan.memory_problems(growth, 64.0) == ["learner 7 grew +90.0 MiB after its warm-up (bound 64)"]
+    assert chaos_plan.memory_problems(growth, 64.0) == ["learner 7 grew +70.0 MiB after its warm-up (bound 64)"]
     assert chaos_plan.memory_problems(growth, 100.0) == []
 
 
