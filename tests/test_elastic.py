@@ -178,6 +178,7 @@ def test_a_lost_snapshot_falls_back_to_the_last_checkpoint(tmp_path):
     Trainer(cfg, tmp_path / "run").train(fleet)
     [event] = events(tmp_path / "run", "learners_restarted")
     assert (event["step"], event["restored_from"], event["steps_lost"]) == (3, "checkpoint", 1)
+    assert fleet.restarts == 2  # once more after the failed load: no rank is left half-loaded
     assert fleet.applied == 6
     assert [r["step"] for r in RunDir(tmp_path / "run").read_metrics() if "event" not in r] == [1, 2, 3, 4, 5, 6]
 

@@ -53,6 +53,7 @@ def restore_snapshot(actors, snapshot: Snapshot | None) -> str | None:
     try:
         actors.restore_learners(snapshot.payloads)
     except SnapshotLost as exc:
+        actors.restart_learners()  # ranks that did get their files may wait in a collective for the rest
         return f"the snapshot is gone ({exc})"
     return None
 
