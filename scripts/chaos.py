@@ -5,9 +5,10 @@
 The job is the real `innerloop train` (Ray, a vLLM CPU engine per rollout worker, a DeepSpeed learner,
 float32), joined to a Ray cluster this script starts (`ray.cluster_utils.Cluster`, so simulated nodes
 can join and leave it). From outside, as a cluster would, the script kills rollout workers mid-generation
-and mid-sync, kills the learner mid-update, adds and removes nodes, runs `innerloop scale` up and down,
-SIGKILLs the driver and resumes it with `innerloop train --resume`, and has the reward hang past
-reward.timeout_s or overflow into a NaN step (tests/chaos_reward.py). The faults come one at a time, in
+and mid-sync, kills the learner mid-update, adds and removes nodes, runs `innerloop scale` up and down
+(rollout workers 1 -> 2 -> 1, learner ranks 1 -> 2 -> 1), SIGKILLs the driver and resumes it with
+`innerloop train --resume`, and has the reward hang past reward.timeout_s or overflow into a NaN step
+(tests/chaos_reward.py). The faults come one at a time, in
 a seeded order, far enough apart that each one's cost is measured alone (scripts/chaos_plan.py).
 
 At the end it checks and prints: every step logged once, every question consumed once (ledger.jsonl), no
@@ -221,7 +222,9 @@ class Soak:
         if kind == "node_left":
             return self._nodes.leave()
         if kind in ("scale_up", "scale_down"):
-            return faults.scale(self.run_dir, 2 if kind == "scale_up" else 1, self.env)
+            return faults.scale(self.run_dir, "rollout-workers", 2 if kind == "scale_up" else 1, self.env)
+        if kind in ("learners_grown", "learners_shrunk"):
+            return faults.scale(self.run_dir, "learner-ranks", 2 if kind == "learners_grown" else 1, self.env)
         if kind == "driver_killed":
             return self.kill_driver()
         if kind in ("reward_hang", "nan_step"):

@@ -84,13 +84,15 @@ def request(control: Path, what: str, timeout_s: float) -> dict | None:
     return None
 
 
-def scale(run_dir: Path, workers: int, env: dict) -> dict | None:
-    """`innerloop scale RUN_DIR --rollout-workers N`, the real command."""
+def scale(run_dir: Path, what: str, count: int, env: dict) -> dict | None:
+    """`innerloop scale RUN_DIR --rollout-workers N` (what: "rollout-workers") or `--learner-ranks N`,
+    the real command."""
     done = subprocess.run([sys.executable, "-m", "innerloop.distributed.cli", "scale", str(run_dir),
-                           "--rollout-workers", str(workers)], env=env, capture_output=True, text=True, timeout=120)
+                           f"--{what}", str(count)], env=env, capture_output=True, text=True, timeout=120)
     if done.returncode != 0:
+        print(f"chaos: innerloop scale --{what} {count} failed: {done.stderr.strip()[-500:]}", flush=True)
         return None
-    return {"time": time.time(), "workers": workers}
+    return {"time": time.time(), what: count}
 
 
 class Nodes:

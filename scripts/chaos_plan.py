@@ -17,13 +17,15 @@ KINDS = (
     "node_left",            # and leaves it (that worker dies with it)
     "scale_up",             # `innerloop scale RUN --rollout-workers base+1`
     "scale_down",           # `innerloop scale RUN --rollout-workers base`
+    "learners_grown",       # `innerloop scale RUN --learner-ranks 2`: checkpoint, restart as 2 ranks, reload
+    "learners_shrunk",      # `innerloop scale RUN --learner-ranks 1`
     "driver_killed",        # SIGKILL the driver; the soak resumes it with `innerloop train --resume`
     "reward_hang",          # one completion's reward hangs past reward.timeout_s
     "nan_step",             # one group's rewards overflow float32: the step's loss is not finite
 )
 # A pool-changing fault and the one that undoes it form one episode, so the pool is back to its base
 # size before the next fault (a resumed driver starts at the base size again).
-PAIRS = {"node_joined": "node_left", "scale_up": "scale_down"}
+PAIRS = {"node_joined": "node_left", "scale_up": "scale_down", "learners_grown": "learners_shrunk"}
 SECOND = set(PAIRS.values())
 
 

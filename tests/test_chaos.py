@@ -40,9 +40,9 @@ def test_a_pool_change_is_undone_by_the_next_fault_before_anything_else():
 
 
 def test_too_few_steps_for_the_faults_is_an_error_saying_how_many():
-    with pytest.raises(ValueError, match="give at least 43 steps"):
-        plan(seed=0, steps=42, per_kind=1, first_step=3, spacing=4)
-    assert len(plan(seed=0, steps=43, per_kind=1, first_step=3, spacing=4)) == 10
+    with pytest.raises(ValueError, match="give at least 51 steps"):
+        plan(seed=0, steps=50, per_kind=1, first_step=3, spacing=4)
+    assert len(plan(seed=0, steps=51, per_kind=1, first_step=3, spacing=4)) == 12
 
 
 # ---------------------------------------------------------------- the checks can fail
@@ -123,7 +123,7 @@ def test_the_wall_time_lost_is_the_fault_window_less_normal_steps():
 
 @pytest.mark.integration
 def test_a_short_chaos_soak_with_every_fault_kind_loses_nothing(tmp_path):
-    """Every fault kind once in 44 steps of the tiny model on the real stack (Ray's simulated cluster,
+    """Every fault kind once in 52 steps of the tiny model on the real stack (Ray's simulated cluster,
     vLLM, DeepSpeed): chaos.py's own checks all pass, each kind fired, and what the run logged says it
     recovered from each (replacements, the learner restart, the skipped step, the scaled pool)."""
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
@@ -140,9 +140,10 @@ def test_a_short_chaos_soak_with_every_fault_kind_loses_nothing(tmp_path):
     assert events.get("learners_restarted", 0) >= 1 and report["skipped_steps"]
     assert events.get("rollout_worker_dropped", 0) >= 1  # the node that left took its worker
     assert events.get("rollout_workers_scaled", 0) >= 3  # the node's worker, scale up, scale down
+    assert events.get("learner_ranks_scaled", 0) >= 2  # 1 -> 2 -> 1
     assert report["drivers"] == 2 and report["reward_errors"] >= 1
     assert all(e["lost_s"] for e in report["lost"]["kinds"].values())
 
 
-SHORT = ["--steps", "44", "--per-kind", "1", "--spacing", "4", "--window", "2", "--checkpoint-every", "2",
+SHORT = ["--steps", "52", "--per-kind", "1", "--spacing", "4", "--window", "2", "--checkpoint-every", "2",
          "--questions", "4", "--group", "4", "--max-tokens", "16", "--warmup-steps", "5"]
