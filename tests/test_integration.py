@@ -633,12 +633,14 @@ def test_the_probe_cadence_computes_curves_on_the_real_learner(stack, tmp_path):
 
     cfg = load_config(None, [*_overrides(stack.model), "train.steps=1", "eval.before_and_after=false",
                              "train.export_final_model=false", "probe.every_steps=1", "probe.questions=2",
-                             "probe.samples=2", "probe.every=4"])
+                             "probe.samples=2", "probe.every=4", "probe.other_question=1"])
     weights = ray.get(stack.learner.full_state_dict.remote(), timeout=120)  # what step 0 samples and probes with
     with recording_generate(stack.fleet) as calls:
         Trainer(cfg, tmp_path / "run").train(actors=stack.fleet)
     lines = [json.loads(x) for x in (tmp_path / "run" / "probe" / "probe.jsonl").read_text().splitlines()]
-    assert len(lines) == 4 and all(line["label"] == "step-0" for line in lines)
+    assert len(lines) == 6 and all(line["label"] == "step-0" for line in lines)  # 2 x 2, then 1 control each
+    controls = [line for line in lines if line["group"] == "other_question"]
+    assert len(controls) == 2 and all(line["trajectory_of"] != line["question_id"] for line in controls)
     assert all(line["positions"][0] == 0 and line["positions"][-1] == line["completion_tokens"] for line in lines)
     assert all(math.isfinite(v) and v > 0 for line in lines for v in line["curve"])
 
