@@ -118,3 +118,14 @@ def test_probe_metrics_in_the_sweep_table_are_means_over_the_runs_probe_events(t
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
     result = sweep_table.run_result(run_dir, ["probe_correct_slope", "reward_mean"], last_steps=1)
     assert result["metrics"] == {"probe_correct_slope": -1.5, "reward_mean": 0.7}
+
+
+def test_the_report_shows_pass_at_k_beside_the_accuracies():
+    from innerloop.distributed.lens.report import _pass_rows
+
+    outcome = sampled_eval.SampledOutcome(("a",), (8,), (2,), (4,), (2, 8))
+    records = [{"event": "eval_after", "eval_accuracy": 0.5, **outcome.record()}, {"step": 1, "reward_mean": 0.1}]
+    [(title, text)] = _pass_rows(records)
+    assert title == "Pass@k after (1 questions x 8 samples; strict / lenient)"
+    assert text.startswith("@2 ") and "@8 100.0% / 100.0%" in text
+    assert _pass_rows([{"event": "eval_after", "eval_accuracy": 0.5}]) == []

@@ -125,3 +125,18 @@ def test_a_broken_trajectory_file_stops_before_any_step_naming_the_line(tmp_path
     with pytest.raises(ConfigError, match="sft: .*line 1"):
         Trainer(cfg, tmp_path / "run").train(fleet)
     assert fleet.update_calls == 0
+
+
+def test_a_run_draws_the_sampled_eval_after_training_when_asked(tmp_path, tiny):
+    from innerloop.distributed.lens.sampled_eval import read_sampled_questions
+
+    cfg = config(tiny, "sft.steps=0", "train.steps=1", "eval.before_and_after=true", "eval.sampled.in_training=after",
+                 "eval.sampled.questions=3")
+    fleet = FakeFleet(cfg)
+    Trainer(cfg, tmp_path / "run").train(fleet)
+    records = RunDir(tmp_path / "run").read_metrics()
+    before, after = (next(r for r in records if r.get("event") == e) for e in ("eval_before", "eval_after"))
+    assert "eval_pass@8" not in before and after["eval_sampled_questions"] == 3 and after["eval_sampled_samples"] == 8
+    assert after["eval_pass@8"] == 1.0  # the fake engine gets every other sample right
+    assert fleet.seeds[-1] == 0  # the sampled eval's fixed seed
+    assert {n for n, _, _ in read_sampled_questions(tmp_path / "run").values()} == {8}

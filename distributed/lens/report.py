@@ -202,7 +202,7 @@ def _summary_section(records: list[dict[str, Any]], run_dir: Path) -> tuple[str,
     rows = [("steps logged", f"{s.steps} (last step {s.last_step})"),
             ("held-out accuracy before training", _percent(s.accuracy_before)),
             ("held-out accuracy after training", _percent(s.accuracy_after)),
-            *_lenient_rows(records),
+            *_lenient_rows(records), *_pass_rows(records),
             ("median step time", "-" if s.median_step_seconds is None else f"{s.median_step_seconds:.2f} s"),
             ("share of step time", shares),
             ("mean staleness (policy versions)", "-" if s.staleness_mean is None else f"{s.staleness_mean:.2f}")]
@@ -218,6 +218,20 @@ def _lenient_rows(records: list[dict[str, Any]]) -> list[tuple[str, str]]:
     lenient = {r.get("event"): r["eval_lenient_accuracy"] for r in records if _finite(r.get("eval_lenient_accuracy"))}
     return [(f"lenient held-out accuracy {when} training", _percent(lenient.get(f"eval_{when}")))
             for when in ("before", "after") if lenient]
+
+
+def _pass_rows(records: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    """The sampled eval's Pass@K (strict and lenient; lens/sampled_eval.py), where a held-out eval drew it."""
+    rows = []
+    for r in records:
+        ks = sorted(int(k.rpartition("@")[2]) for k in r if k.startswith("eval_pass@") and _finite(r[k]))
+        if str(r.get("event", "")).startswith("eval_") and ks:
+            when = r["event"].removeprefix("eval_").replace("_", " ")
+            rows.append((f"Pass@k {when} ({r.get('eval_sampled_questions')} questions x "
+                         f"{r.get('eval_sampled_samples')} samples; strict / lenient)",
+                         ", ".join(f"@{k} {_percent(r[f'eval_pass@{k}'])} / {_percent(r.get(f'eval_lenient_pass@{k}'))}"
+                                   for k in ks)))
+    return rows
 
 
 def _training_section(records: list[dict[str, Any]]) -> tuple[str, str]:

@@ -359,6 +359,8 @@ class Trainer:
         log.info("held-out accuracy %s training: %.1f%% strict, %.1f%% lenient (%d questions, %.1f%% formatted)",
                  label, 100 * outcome.strict_accuracy, 100 * outcome.lenient_accuracy, len(questions),
                  100 * outcome.formatted_share)
+        if sampled is not None:
+            log.info("held-out %s", sampled_eval.format_sampled(sampled, self.cfg.eval.sampled.temperature))
         return outcome
 
     def _sampled_eval(self, actors: "fleet.Fleet", questions, label: str) -> "sampled_eval.SampledOutcome | None":
