@@ -69,6 +69,14 @@ class Learner(ColocatedWeights):
 
         model = AutoModelForCausalLM.from_pretrained(model_path, dtype=self._dtype)
         model.config.use_cache = False  # no KV cache in training; it only costs memory
+        attention = getattr(model.config, "_attn_implementation", None) or "eager"
+        if self._cfg.packing and "flash" not in attention and self.rank == 0:
+            # Without a variable-length kernel the packed row's attention is one dense [L, L] block.
+            log.warning("learner.packing with %s attention computes attention across the whole packed row "
+                        "(no variable-length kernel): on a CPU it measured 0.53x the padded update's speed and "
+                        "more memory (docs/performance.md). Packing pays with flash-attention on GPUs; here "
+                        "learner.max_tokens_per_micro_batch without packing is the faster way to cut padding.",
+                        attention)
         return model
 
     def _build_engine(self, model_path: str):

@@ -52,6 +52,8 @@ def _parser() -> argparse.ArgumentParser:
                         help="one GPU shared by the learner and the rollout engine (needs the gpu extra)")
     parser.add_argument("--model", help="model.name for rollout and learner benches (default: the demo's); "
                         "a size of scripts' LLAMA_SIZES, e.g. 0.5B, builds that random Llama")
+    parser.add_argument("--set", action="append", default=[], dest="overrides", metavar="KEY=VALUE",
+                        help="`step`: a config override, e.g. model.dtype=float32 on CPUs without bf16")
     parser.add_argument("--out", default="runs/bench")
     return parser
 
@@ -87,14 +89,21 @@ def _median_runs(runs: list[dict], key: str) -> float:
     return statistics.median(r[key] for r in runs)
 
 
+def _model_override(args) -> list[str]:
+    """model.name for --model: a size of LLAMA_SIZES builds that random Llama; anything else is a name."""
+    if not args.model:
+        return []
+    return [f"model.name={llama_model(args.model) if args.model in LLAMA_SIZES else args.model}"]
+
+
 def _demo_setup(args, extra: list[str] = ()):
     from innerloop.distributed.config_load import load_config
     from innerloop.distributed.state.model_prep import resolve_model
     from innerloop.distributed.run.questions import load_questions
 
-    model = [] if not args.model else [f"model.name={llama_model(args.model) if args.model in LLAMA_SIZES else args.model}"]
     cfg = load_config(None, [f"rollout.max_tokens={args.max_tokens}", f"rollout.group_size={args.group_size}",
-                             f"rollout.questions_per_step={args.questions}", *model, *_overrides(args), *extra])
+                             f"rollout.questions_per_step={args.questions}", *_model_override(args), *_overrides(args),
+                             *extra])
     return cfg, resolve_model(cfg.model.name), load_questions(cfg.tasks)[0][: args.questions]
 
 
@@ -392,7 +401,7 @@ def bench_step(args) -> dict:
                "--set", f"train.steps={args.steps}", "--set", "eval.before_and_after=false",
                "--set", "train.checkpoint_every=0", "--set", "train.export_final_model=false",
                "--set", "train.max_minutes=0", "--set", f"algorithm.kl_coef={args.kl_coef}",
-               *sum((["--set", o] for o in _overrides(args)), [])]
+               *sum((["--set", o] for o in [*_model_override(args), *_overrides(args), *args.overrides]), [])]
     job = subprocess.Popen(command, cwd=REPO_ROOT)
     peaks = _peak_rss_by_role(job)
     if job.returncode:
@@ -409,7 +418,8 @@ def bench_step(args) -> dict:
     }
     step_s = statistics.median(r["time_step"] for r in steps)
     medians = {name: statistics.median(part(r) for r in steps) for name, part in parts.items()}
-    return {"bench": "step", "steps_measured": len(steps), "kl_coef": args.kl_coef,
+    return {"bench": "step", "model": args.model or "the demo's", "overrides": args.overrides,
+            "steps_measured": len(steps), "kl_coef": args.kl_coef,
             "step_s_median": round(step_s, 2), "parts_s_median": {k: round(v, 3) for k, v in medians.items()},
             "parts_fraction": {k: round(v / step_s, 4) for k, v in medians.items()},
             "update_tokens_per_s_median": round(statistics.median(r["tokens"] / r["time_update"] for r in steps), 1),

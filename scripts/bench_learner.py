@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import resource
 import statistics
 import subprocess
@@ -35,8 +36,13 @@ VARIANTS = {
     "checkpointed": ["learner.gradient_checkpointing=true"],
     "checkpointed_2k": ["learner.gradient_checkpointing=true", "learner.max_tokens_per_micro_batch=2048"],
     "packed_4k": ["learner.packing=true", "learner.max_tokens_per_micro_batch=4096"],
+    "checkpointed_packed_2k": ["learner.gradient_checkpointing=true", "learner.packing=true",
+                               "learner.max_tokens_per_micro_batch=2048"],
     "bare": None,
 }
+# A variant name ending in "+mmap" runs with glibc's mmap threshold fixed at 128 KiB: every larger
+# tensor is mapped and unmapped on its own, so freed activations cannot fragment the heap.
+MMAP_SUFFIX, MMAP_ENV = "+mmap", {"MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}
 T_95 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26}
 
 
@@ -95,7 +101,7 @@ def run_one(variant: str, updates: int, common: list[str]) -> dict:
     from innerloop.distributed.run.samples import loss_normalizers
     from innerloop.distributed.state.model_prep import resolve_model
 
-    overrides = VARIANTS[variant]
+    overrides = VARIANTS[variant.removesuffix(MMAP_SUFFIX)]
     cfg = load_config(None, [*common, *(overrides or [])])
     samples, model = _samples(), resolve_model(cfg.model.name)
     normalizers = loss_normalizers(samples, cfg.algorithm)
@@ -160,8 +166,9 @@ def compare(variants: list[str], reps: int, updates: int, common: list[str]) -> 
         for variant in variants:
             command = [sys.executable, __file__, "one", "--variant", variant, "--updates", str(updates),
                        *sum((["--set", o] for o in common), [])]
-            out = subprocess.run(command,
-                                 capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
+            env = {**os.environ, **MMAP_ENV} if variant.endswith(MMAP_SUFFIX) else None
+            out = subprocess.run(command, capture_output=True, text=True, check=True,
+                                 env=env).stdout.strip().splitlines()[-1]
             row[variant] = json.loads(out)
             print(f"round {rep}: {variant}: {row[variant]['seconds']:.2f} s, "
                   f"{row[variant]['peak_rss_mib']:.0f} MiB", flush=True)
