@@ -10,7 +10,8 @@ import pytest
 from innerloop.distributed.run import sweep
 
 SWEEPS = Path(__file__).resolve().parent.parent / "configs" / "sweeps"
-CLAIMS = ("update-subset.yaml", "sft-cold-start.yaml", "probe-controls.yaml")
+CLAIMS = ("update-subset.yaml", "sft-cold-start.yaml", "probe-controls.yaml", "sft-k.yaml")
+DEMO_TASK = ("probe-controls.yaml", "sft-k.yaml")  # they need correct samples: the demo task (their files say why)
 
 
 def _configs(name: str):
@@ -27,7 +28,7 @@ def test_a_claim_sweep_validates_runs_three_seeds_on_the_harder_task_and_says_it
     assert "Time on the 2-core CPU machine" in text and "TIME_" not in text and "TASK_" not in text
     for cfg in configs.values():
         assert cfg.model.dtype == "float32"
-        if name != "probe-controls.yaml":  # the probe needs correct trajectories: the demo task (its file says why)
+        if name not in DEMO_TASK:
             assert (cfg.tasks.kind, cfg.tasks.difficulty) != ("arithmetic", 1)  # the harder task: docs/evaluation.md
 
 
@@ -54,3 +55,11 @@ def test_the_probe_sweep_probes_whole_groups_with_controls():
     assert cfg.eval.sampled.in_training == "after" and cfg.sft.steps > 0
     grpo_steps = range(cfg.sft.steps, cfg.total_steps)
     assert sum(step % cfg.probe.every_steps == 0 for step in grpo_steps) >= 2  # probes at two GRPO steps
+
+
+def test_the_sft_k_sweep_changes_only_the_diversity():
+    _, configs = _configs("sft-k.yaml")
+    assert sorted(c.sft.distinct for c in configs.values()) == [1, 4]
+    assert {c.sft.rows_per_question for c in configs.values()} == {4}  # the same R rows: the same volume
+    assert {c.sft.source for c in configs.values()} == {"teacher"}  # the generator writes one solution a question
+    assert len({(c.sft.steps, c.sft.questions_per_step, c.train.steps) for c in configs.values()}) == 1
