@@ -123,6 +123,7 @@ def test_the_example_sweep_file_validates():
     ({"grid": {"algorithm.mini_batches": 4}}, "grid.algorithm.mini_batches must be a non-empty list"),
     ({"base": {"config": "no/such.yaml"}}, "base.config no/such.yaml does not exist"),
     ({"last_steps": 0}, "last_steps must be an integer >= 1"),
+    ({"keep_checkpoints": "yes"}, "keep_checkpoints must be true or false"),
 ])
 def test_a_bad_sweep_file_is_refused(tmp_path, data, message):
     with pytest.raises(sweep.SweepError, match=message):
@@ -170,6 +171,8 @@ class FakeRunner:
                 cfg = load_config(args[1], [args[3]])
             run.run_dir.mkdir(parents=True, exist_ok=True)
             (run.run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+            (run.run_dir / "checkpoints" / "step-000001").mkdir(parents=True, exist_ok=True)
+            (run.run_dir / "checkpoints" / "step-000001" / "state.bin").write_bytes(b"x" * 1000)
             if run.key in self.fail:
                 yield run, sweep.RunOutcome(False, "exit code 1:\nTraceback ...\nRuntimeError: engine died", 3.0)
                 continue
@@ -209,6 +212,18 @@ def test_runs_skip_resume_and_record_failures(tmp_path):
     assert second.calls == [("mini_batches=4/seed-1", ["train", "--resume", str(out / "mini_batches=4" / "seed-1")])]
     assert all(r["state"] == "done" for c in summary["cells"] for r in c["runs"])
     assert sweep.run_sweep(plan, out, third := FakeRunner()) and third.calls == []
+
+
+def test_finished_runs_lose_their_checkpoints_unless_the_file_keeps_them(tmp_path):
+    out = tmp_path / "out"
+    sweep.run_sweep(sweep.read_sweep(write_sweep(tmp_path)), out, FakeRunner(fail={"mini_batches=4/seed-1"}))
+    kept = sorted(str(p.relative_to(out)) for p in out.glob("*/seed-*/checkpoints"))
+    assert kept == ["mini_batches=4/seed-1/checkpoints"]  # the failed run resumes from its own
+    assert (out / "mini_batches=1" / "seed-0" / "metrics.jsonl").is_file()
+    keep = tmp_path / "keep"
+    keep.mkdir()
+    sweep.run_sweep(sweep.read_sweep(write_sweep(keep, keep_checkpoints=True)), keep / "out", FakeRunner())
+    assert len(list((keep / "out").glob("*/seed-*/checkpoints/step-000001/state.bin"))) == 4
 
 
 def test_a_cut_off_sweep_resumes_where_it_stopped(tmp_path):
