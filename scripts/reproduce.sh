@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The small-scale reproduction of docs/meta-learning.md on the demo model and task (CPU, ~1 hour):
+# A single-run walkthrough of the lens on the demo model and task (CPU, ~1 hour; the evidence with
+# seeds and intervals is configs/sweeps/, docs/meta-learning.md):
 # (a) update subsets m in {1, 2, 4, 8} of G = 8, (b) GRPO from the base model vs an SFT cold start
 # on the task generator's worked solutions then GRPO, (c) inner-loop probe curves during the m = 8 run.
 # Each run writes runs/repro-*/; then `innerloop report` makes one HTML page per run.
