@@ -1,6 +1,6 @@
 """The probe's comparisons pooled over several runs and probes (e.g. a probe sweep's seeds).
 
-    .venv/bin/python scripts/probe_pool.py sweeps/probe-controls/base/seed-* --out sweeps/probe-controls/pooled.json
+    .venv/bin/python scripts/probe_pool.py sweeps/probe-controls/base/seed-*/ --out sweeps/probe-controls/pooled.json
 
 One probe of one run holds few correct trajectories on a small model (each training probe warns under
 20 per compared group). This reads every RUN_DIR/probe/probe.jsonl given and computes the same

@@ -296,23 +296,26 @@ def run_sweep(sweep: Sweep, out: Path, runner: Runner) -> dict:
              len(sweep.cells), len(sweep.seeds), len(runs) - len(pending), len(pending),
              sum(r.status == "resume" for r in pending))
     _write(sweep, out, runs, outcomes, figure=False)
-    if not sweep.keep_checkpoints:
-        for run in runs:
-            if run.status == "done":
-                prune_checkpoints(run)
+    _prune_finished(sweep, runs)
     try:
         for run, outcome in runner.run(pending):
             outcomes[run.key] = outcome
             if outcome.ok:
                 log.info("run %s finished in %.1f min", run.key, outcome.seconds / 60)
-                if not sweep.keep_checkpoints and run_status(run.run_dir) == "done":
-                    prune_checkpoints(run)
+                _prune_finished(sweep, [run])
             else:
                 log.warning("run %s failed: %s", run.key, (outcome.error.strip().splitlines() or [""])[-1])
             _write(sweep, out, runs, outcomes, figure=False)  # the table so far, after every run
     finally:
         summary = _write(sweep, out, runs, outcomes)
     return summary
+
+
+def _prune_finished(sweep: Sweep, runs: Sequence[PlannedRun]) -> None:
+    if not sweep.keep_checkpoints:
+        for run in runs:
+            if run_status(run.run_dir) == "done":
+                prune_checkpoints(run)
 
 
 def prune_checkpoints(run: PlannedRun) -> None:
