@@ -28,7 +28,7 @@ def main() -> int:
     from innerloop.distributed.run.questions import QuestionStream, load_questions
     from innerloop.distributed.records import Question
 
-    cfg = load_config(None, [f"rollout.max_tokens={args.max_tokens}"])
+    cfg = load_config(None, [f"rollout.max_tokens={args.max_tokens}", *args.overrides])
     rollout, learner, algorithm = cfg.rollout, cfg.learner, cfg.algorithm
     train, _ = load_questions(cfg.tasks)
     questions = QuestionStream(train, cfg.train.seed).take(rollout.questions_per_step * args.steps)
@@ -62,7 +62,8 @@ def main() -> int:
     started = time.perf_counter()
     trainer.train()
     steps = timer.seconds[1:] or timer.seconds  # the first step includes warm-up
-    result = {"bench": "trl", "use_vllm": args.use_vllm, "steps": len(timer.seconds), "step_s": timer.seconds,
+    result = {"bench": "trl", "use_vllm": args.use_vllm, "overrides": args.overrides,
+              "steps": len(timer.seconds), "step_s": timer.seconds,
               "step_s_median": round(statistics.median(steps), 2), "seconds": round(time.perf_counter() - started, 1),
               "questions_per_s": round(rollout.questions_per_step / statistics.median(steps), 4)}
     (Path(args.out) / f"trl{'-vllm' if args.use_vllm else ''}.json").write_text(json.dumps(result, indent=1))
@@ -92,6 +93,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--use-vllm", action="store_true", help="TRL's colocated vLLM engine (else HF generate)")
+    parser.add_argument("--set", action="append", default=[], dest="overrides", metavar="KEY=VALUE",
+                        help="a config override, the same as `bench.py step --set`, e.g. model.dtype=float32")
     parser.add_argument("--out", default="runs/bench")
     return parser
 
