@@ -3,9 +3,10 @@ worker died do they read them one by one, to know which (scripts/bench_scale.py 
 
 from __future__ import annotations
 
+import pytest
 import ray
 
-from innerloop.distributed.cluster import rollout_pool, weight_sync
+from innerloop.distributed.cluster import fleet, rollout_pool, weight_sync
 
 
 class _Watchdog:
@@ -24,6 +25,8 @@ class _Get:
         for ref in refs if isinstance(refs, list) else [refs]:
             if ref.startswith("dead"):
                 raise ray.exceptions.RayActorError()
+            if ref.startswith("oom"):  # Ray's memory monitor killed the worker running this call
+                raise ray.exceptions.OutOfMemoryError("1 worker(s) were killed due to the node running low on memory")
         return [f"result-{r}" for r in refs] if isinstance(refs, list) else f"result-{refs}"
 
 
@@ -58,3 +61,25 @@ def test_the_streamed_sync_reads_its_workers_outcomes_at_once(monkeypatch):
     assert get.calls == 1
     failed, lost = sync._outcomes([], {"w0": "ref0", "w1": "dead1"}, calls, "sync")
     assert (failed, lost) == ([], ["w1"])
+
+
+def test_a_worker_killed_for_memory_counts_as_dead_not_as_a_crash_of_the_run(monkeypatch):
+    get = _Get()
+    monkeypatch.setattr(rollout_pool.ray, "get", get)
+    monkeypatch.setattr(weight_sync.ray, "get", get)
+    done, lost = _pool()._settle({0: "ref0", 1: "oom1"}, "sync", "the weight sync")
+    assert lost == [1] and done == {0: "result-ref0"}
+    sync = object.__new__(weight_sync.StreamedSync)
+    sync._watchdog = _Watchdog()
+    assert sync._outcomes([], {"w0": "ref0", "w1": "oom1"}, lambda refs, phase, what: [], "sync") == ([], ["w1"])
+
+
+def test_a_learner_rank_killed_for_memory_is_a_lost_rank_the_run_recovers_from():
+    class _OomWatchdog:
+        def wait(self, refs, phase, what):
+            raise ray.exceptions.OutOfMemoryError("1 worker(s) were killed due to the node running low on memory")
+
+    learners = object.__new__(fleet.Fleet)
+    learners.watchdog = _OomWatchdog()
+    with pytest.raises(fleet.LearnerLost, match="died during the update: 1 worker.s. were killed .* low on memory"):
+        learners._learner_call([], "update", "the update")

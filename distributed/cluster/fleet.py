@@ -16,7 +16,7 @@ import ray
 
 from innerloop.distributed.cluster.placement import (Placement, check_fits, ranks_fit, remote_class, start_ray,
                                                      widest_node_gpus)
-from innerloop.distributed.cluster.rollout_pool import RolloutPool, await_ready, first_line, kill, named
+from innerloop.distributed.cluster.rollout_pool import ACTOR_GONE, RolloutPool, await_ready, first_line, kill, named
 from innerloop.distributed.cluster.watchdog import Locations, Watchdog
 from innerloop.distributed.cluster.weight_sync import ColocatedSync, StreamedSync
 from innerloop.distributed.config import Config
@@ -191,7 +191,7 @@ class Fleet:
     def _learner_call(self, refs: list, phase: str, what: str) -> list:
         try:
             return self.watchdog.wait(refs, phase, what)
-        except ray.exceptions.RayActorError as exc:
+        except ACTOR_GONE as exc:
             raise LearnerLost(f"a learner rank died during {what}: {first_line(exc)}") from None
 
     def _check_learners(self) -> None:  # any answer will do: it raises LearnerLost if a rank died

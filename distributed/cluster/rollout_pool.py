@@ -151,13 +151,13 @@ class RolloutPool:
         self._watchdog.settle(list(calls.values()), phase, what)
         try:  # all finished: one fetch for them all (a get per worker costs the driver one round trip each)
             return dict(zip(calls, ray.get(list(calls.values()), timeout=0))), []
-        except ray.exceptions.RayActorError:
+        except ACTOR_GONE:
             pass  # some died: read them one by one, to know which
         done, lost = {}, []
         for i, ref in calls.items():
             try:
                 done[i] = ray.get(ref, timeout=0)
-            except ray.exceptions.RayActorError as exc:
+            except ACTOR_GONE as exc:
                 log.warning("rollout worker %d died during %s: %s", i, what, first_line(exc))
                 lost.append(i)
         return done, lost
@@ -318,6 +318,11 @@ def kill(actor) -> None:
         ray.kill(actor, no_restart=True)
     except Exception as exc:  # an actor that already died needs no killing
         log.debug("kill failed: %s", exc)
+
+
+# A call whose actor is gone: it died, or Ray's memory monitor killed it (that raises
+# OutOfMemoryError, which is not a RayActorError, for the call it was running).
+ACTOR_GONE = (ray.exceptions.RayActorError, ray.exceptions.OutOfMemoryError)
 
 
 def first_line(exc: BaseException) -> str:

@@ -23,7 +23,7 @@ from typing import Callable
 import ray
 
 from innerloop.distributed.cluster.placement import Placement
-from innerloop.distributed.cluster.rollout_pool import CurrentWeights, RolloutPool, first_line
+from innerloop.distributed.cluster.rollout_pool import ACTOR_GONE, CurrentWeights, RolloutPool, first_line
 from innerloop.distributed.cluster.watchdog import Watchdog
 from innerloop.distributed.config import Config
 from innerloop.distributed.transfer import GroupAddress
@@ -104,7 +104,7 @@ class StreamedSync:
         for worker, ref in worker_refs.items():
             try:
                 ray.get(ref, timeout=0)
-            except ray.exceptions.RayActorError as exc:
+            except ACTOR_GONE as exc:
                 log.warning("a rollout worker died during %s: %s", what, first_line(exc))
                 lost.append(worker)
             except ray.exceptions.RayError as exc:
