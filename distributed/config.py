@@ -93,6 +93,9 @@ class LearnerConfig(Section):
     # tokens. docs/performance.md has what it buys on the CPU's attention.
     packing: bool = False
     gradient_checkpointing: bool = False  # trades compute for memory; a 135M model fits without it
+    # torch's fused AdamW: one kernel over ZeRO's flat partition, without the full-size temporaries
+    # the per-tensor loop makes (docs/performance.md has what it saves); false: that loop.
+    fused_optimizer: bool = False
     # DeepSpeed's gradient-reduce and parameter all-gather buckets, in elements. null: sized from the
     # model (its largest parameter; docs/performance.md has the memory it saves); DeepSpeed's own is 5e8.
     bucket_elements: int | None = Field(None, ge=1)

@@ -105,7 +105,7 @@ class Learner(ColocatedWeights):
                                   "stage3_prefetch_bucket_size": bucket},
             "optimizer": {"type": "AdamW", "params": {
                 "lr": cfg.lr, "betas": list(cfg.betas), "weight_decay": cfg.weight_decay,
-                "torch_adam": True}},
+                "torch_adam": True, **({"fused": True} if cfg.fused_optimizer else {})}},
             "steps_per_print": 10**9,
             "wall_clock_breakdown": False,
         }

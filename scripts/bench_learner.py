@@ -38,6 +38,9 @@ VARIANTS = {
     "packed_4k": ["learner.packing=true", "learner.max_tokens_per_micro_batch=4096"],
     "checkpointed_packed_2k": ["learner.gradient_checkpointing=true", "learner.packing=true",
                                "learner.max_tokens_per_micro_batch=2048"],
+    "checkpointed_2k_fused": ["learner.gradient_checkpointing=true", "learner.max_tokens_per_micro_batch=2048",
+                              "learner.fused_optimizer=true"],
+    "padded_fused": ["learner.fused_optimizer=true"],
     "bare": None,
 }
 # A variant name ending in "+mmap" runs with glibc's mmap threshold fixed at 128 KiB: every larger

@@ -489,6 +489,46 @@ def test_two_zero2_learner_ranks_hold_identical_weights_matching_one_rank(stack)
 
 
 @pytest.mark.integration
+def test_the_fused_optimizer_steps_the_same_weights_as_the_per_tensor_loop(stack):
+    """learner.fused_optimizer hands DeepSpeed torch's fused AdamW, and one update with it lands on the
+    weights the default per-tensor AdamW reaches from the same batch (to float rounding)."""
+    import ray
+
+    from innerloop.distributed.cluster.fleet import Fleet
+    from innerloop.distributed.run.questions import load_questions
+    from innerloop.distributed.run.samples import build_samples, group_advantages, group_by_question, loss_normalizers
+
+    configs = {fused: load_config(None, [*_overrides(stack.model), f"learner.fused_optimizer={fused}"])
+               for fused in (True, False)}
+    questions = load_questions(configs[True].tasks)[0][: configs[True].rollout.questions_per_step]
+    groups = group_by_question(stack.fleet.rollouts.generate(questions, configs[True].rollout.group_size))
+    samples = build_samples(groups, group_advantages(groups, configs[True].algorithm), configs[True].algorithm)
+    normalizers = loss_normalizers(samples, configs[True].algorithm)
+    assert any(s.advantage != 0.0 for s in samples), "no reward variance: the update would not move"
+
+    def optimizer_and_weights(learner):  # runs in the actor
+        inner = learner.engine.optimizer.optimizer  # ZeRO's wrapper holds torch's optimizer
+        return inner.defaults.get("fused"), {k: v.detach().clone() for k, v in learner.engine.module.state_dict().items()}
+
+    fleets = {fused: Fleet.start(cfg, str(stack.model), rollout_workers=0) for fused, cfg in configs.items()}
+    try:
+        before = stack.learner_logprobs(fleets[True].learners[0])
+        metrics = {fused: fleet.update(samples, normalizers) for fused, fleet in fleets.items()}
+        (fused_flag, fused), (loop_flag, loop) = ray.get(
+            [fleets[f].learners[0].__ray_call__.remote(optimizer_and_weights) for f in (True, False)])
+        assert fused_flag is True and not loop_flag
+        assert metrics[True].record()["grad_norm"] == pytest.approx(metrics[False].record()["grad_norm"], rel=1e-5)
+        step_size = metrics[True].learning_rate
+        gap = max((fused[name] - loop_weight).abs().max().item() for name, loop_weight in loop.items())
+        assert gap < 0.05 * step_size, f"fused and per-tensor AdamW differ by {gap:.2e} (lr {step_size:.1e})"
+        after = stack.learner_logprobs(fleets[True].learners[0])
+        assert (after - before).abs().max() > 1e-3, "the fused update did not move the weights"
+    finally:
+        for fleet in fleets.values():
+            fleet.shutdown()
+
+
+@pytest.mark.integration
 def test_a_checkpoint_resumes_on_a_different_number_of_learner_ranks(stack, tmp_path):
     """2 ranks -> checkpoint -> 1 rank -> checkpoint -> 2 ranks: the model, optimizer (Adam moments)
     and LR schedule carry over, so the next update matches the one the writer would have made."""
