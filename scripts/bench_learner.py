@@ -40,6 +40,8 @@ VARIANTS = {
                                "learner.max_tokens_per_micro_batch=2048"],
     "checkpointed_2k_fused": ["learner.gradient_checkpointing=true", "learner.max_tokens_per_micro_batch=2048",
                               "learner.fused_optimizer=true"],
+    "checkpointed_1k_fused": ["learner.gradient_checkpointing=true", "learner.max_tokens_per_micro_batch=1024",
+                              "learner.fused_optimizer=true"],
     "padded_fused": ["learner.fused_optimizer=true"],
     "bare": None,
 }
