@@ -170,8 +170,9 @@ class Soak:
         last, since = self.step(), time.monotonic()
         while (now := self.step()) < target:
             if self.driver.poll() is not None:
+                log = self.out / f"driver-{self.drivers}.log"
                 self.stopped = (f"the driver exited (code {self.driver.returncode}) at step {now}, before step "
-                                f"{target}; its log: {self.out / f'driver-{self.drivers}.log'}")
+                                f"{target}; its log: {log}, which ends:\n" + _tail(log, 8))
                 return False
             if now != last:
                 last, since = now, time.monotonic()
@@ -209,6 +210,11 @@ class Soak:
         except subprocess.TimeoutExpired:
             self.stopped = "the driver logged its last step but did not exit within 300 s"
 
+    def worker_on(self, node_id: str) -> bool:
+        """Whether the run logged starting a rollout worker on this node."""
+        return any(r.get("event") == "rollout_workers_scaled" and r.get("node") == node_id
+                   for r in _read(self.run_dir / "metrics.jsonl"))
+
     def inject(self, kind: str) -> dict | None:
         timeout, root = self.args.fault_timeout_s, self._me
         if kind == "worker_mid_generate":
@@ -220,7 +226,7 @@ class Soak:
         if kind == "node_joined":
             return self._nodes.join()
         if kind == "node_left":
-            return self._nodes.leave()
+            return self._nodes.leave(self.worker_on, timeout)
         if kind in ("scale_up", "scale_down"):
             return faults.scale(self.run_dir, "rollout-workers", 2 if kind == "scale_up" else 1, self.env)
         if kind in ("learners_grown", "learners_shrunk"):
@@ -311,6 +317,12 @@ def _leftovers(marker_value: str) -> list[dict]:
         except OSError:
             pass
     return left
+
+
+def _tail(path: Path, lines: int) -> str:
+    """The last lines of a log, indented under the check that names it (where a traceback ends)."""
+    text = path.read_text(errors="replace").rstrip().splitlines()[-lines:] if path.exists() else []
+    return "\n".join("        " + line for line in text)
 
 
 def _read(path: Path) -> list[dict]:

@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import psutil
@@ -108,12 +109,18 @@ class Nodes:
         self._added.append(node)
         return {"time": time.time(), "node": node.node_id}
 
-    def leave(self) -> dict | None:
+    def leave(self, worker_up: Callable[[str], bool], timeout_s: float) -> dict | None:
+        """Remove the newest added node, once the run has a worker on it (`worker_up(node_id)`, waited for
+        up to `timeout_s`): what is measured is losing a working node's worker. A node removed while its
+        worker starts is the pool's other path (tests/test_scale.py)."""
         if not self._added:
             return None
         node = self._added.pop()
+        deadline = time.monotonic() + timeout_s
+        while not (up := worker_up(node.node_id)) and time.monotonic() < deadline:
+            time.sleep(0.2)
         self._cluster.remove_node(node, allow_graceful=False)  # the node is gone, as a machine going down
-        return {"time": time.time(), "node": node.node_id}
+        return {"time": time.time(), "node": node.node_id, "worker_was_up": up}
 
 
 def orphans(marker: str, value: str) -> list[dict]:

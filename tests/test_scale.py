@@ -83,3 +83,38 @@ def test_a_learner_rank_killed_for_memory_is_a_lost_rank_the_run_recovers_from()
     learners.watchdog = _OomWatchdog()
     with pytest.raises(fleet.LearnerLost, match="died during the update: 1 worker.s. were killed .* low on memory"):
         learners._learner_call([], "update", "the update")
+
+
+class _DiesOnStartWatchdog:
+    """The node of the workers being started left: their first call raises as a dead actor's would."""
+
+    def wait(self, refs, phase, what):
+        raise ray.exceptions.ActorDiedError()
+
+
+class _Placement:
+    def workers_that_fit(self, resources):
+        return 1
+
+
+def test_a_node_that_leaves_while_its_worker_starts_is_logged_and_the_run_goes_on(monkeypatch):
+    """The race the chaos soak once lost: a node joined, its worker was starting, the node left. The
+    pool goes on with the workers it had; the half-started one is killed, not left running."""
+    killed = []
+    monkeypatch.setattr(rollout_pool, "alive_nodes", lambda: {"old": {"CPU": 16}, "new": {"CPU": 1}})
+    monkeypatch.setattr(rollout_pool, "kill", killed.append)
+    pool = _pool()
+    pool._watchdog, pool._placement = _DiesOnStartWatchdog(), _Placement()
+    pool.workers, pool.shards, pool._events, pool._known_nodes = ["w0"], {"w0": 1}, [], {"old"}
+    pool._locations, pool.weights = {}, None
+
+    class _Actor:
+        location = type("M", (), {"remote": staticmethod(lambda: "ref")})()
+
+    started = _Actor()
+    monkeypatch.setattr(pool, "_start_worker", lambda index, node: pool.shards.setdefault(started, 1) and started)
+    pool.grow_onto_new_nodes(max_workers=2)
+    assert pool.workers == ["w0"] and killed == [started] and started not in pool.shards
+    assert pool.drain_events() == [{"event": "rollout_workers_not_started", "reason": "node_left", "node": "new",
+                                    "workers": 1}]
+    assert pool._known_nodes == {"old", "new"}  # not tried again: the node is gone

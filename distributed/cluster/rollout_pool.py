@@ -207,12 +207,18 @@ class RolloutPool:
         """New rollout workers in these slots, up and holding the current weights before any use;
         returns them and the policy version they hold (0 before the first sync: the model folder's)."""
         workers = {f"rollout-{i}": self._start_worker(i, node_id) for i in indices}
-        await_ready(self._watchdog, self._locations, workers)
-        version = 0
-        if self.weights is not None:
-            version, blob = self.weights.version, self.weights.blob()
-            self._watchdog.wait([w.load_weights.remote(blob, version) for w in workers.values()], "sync",
-                                f"loading the current weights into {', '.join(workers)}")
+        try:
+            await_ready(self._watchdog, self._locations, workers)
+            version = 0
+            if self.weights is not None:
+                version, blob = self.weights.version, self.weights.blob()
+                self._watchdog.wait([w.load_weights.remote(blob, version) for w in workers.values()], "sync",
+                                    f"loading the current weights into {', '.join(workers)}")
+        except BaseException:  # none of them joins the pool: none may be left running
+            for worker in workers.values():
+                kill(worker)
+                self.shards.pop(worker, None)
+            raise
         return list(workers.values()), version
 
     def resize(self, count: int) -> None:
@@ -245,7 +251,14 @@ class RolloutPool:
             if count <= 0:
                 continue
             before, started = len(self.workers), time.perf_counter()
-            self.workers.extend(self._start_current_workers(range(before, before + count), node)[0])
+            try:
+                self.workers.extend(self._start_current_workers(range(before, before + count), node)[0])
+            except ACTOR_GONE as exc:  # the node left again while its workers started: go on without them
+                self._events.append({"event": "rollout_workers_not_started", "reason": "node_left",
+                                     "node": node, "workers": len(self.workers)})
+                log.warning("a node that joined the cluster left before its rollout workers were up (%s); "
+                            "going on with %d workers", first_line(exc), len(self.workers))
+                continue
             seconds = round(time.perf_counter() - started, 2)
             self._events.append({"event": "rollout_workers_scaled", "from": before, "to": len(self.workers),
                                  "reason": "node_joined", "node": node, "seconds": seconds})
