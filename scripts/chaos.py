@@ -35,6 +35,8 @@ import chaos_faults as faults  # this folder's (scripts/ is on sys.path when run
 import chaos_plan
 from soak import MemorySampler
 
+from innerloop.distributed.run.sweep import tail
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))  # tests.tiny_model, tests.chaos_reward
 MARKER = "INNERLOOP_CHAOS_RUN"  # every process of the run inherits it: how leftovers are found
@@ -172,7 +174,7 @@ class Soak:
             if self.driver.poll() is not None:
                 log = self.out / f"driver-{self.drivers}.log"
                 self.stopped = (f"the driver exited (code {self.driver.returncode}) at step {now}, before step "
-                                f"{target}; its log: {log}, which ends:\n" + _tail(log, 8))
+                                f"{target}; its log: {log}, which ends:\n" + _indented(tail(log, 8)))
                 return False
             if now != last:
                 last, since = now, time.monotonic()
@@ -319,10 +321,9 @@ def _leftovers(marker_value: str) -> list[dict]:
     return left
 
 
-def _tail(path: Path, lines: int) -> str:
-    """The last lines of a log, indented under the check that names it (where a traceback ends)."""
-    text = path.read_text(errors="replace").rstrip().splitlines()[-lines:] if path.exists() else []
-    return "\n".join("        " + line for line in text)
+def _indented(text: str) -> str:
+    """Under the check that names it, in the report."""
+    return "\n".join("        " + line for line in text.splitlines())
 
 
 def _read(path: Path) -> list[dict]:
